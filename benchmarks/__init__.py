@@ -1,0 +1,1 @@
+"""Side-by-side and property-based file system benchmarks."""

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh Debian 12 machine (as root), idempotently:
+# the Debian packages (FUSE 3, its headers for building pyfuse3, the test oracles and clients)
+# and a Python virtual environment in .venv with the project installed in editable mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr
+              fuse-overlayfs busybox-static uidmap podman util-linux kmod)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing Python dependencies into .venv"
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -e '.[test]'
+  rm -f .venv/.installed-*; touch "$stamp"
+fi
+# mount(8) runs mount.fuse3, which looks helpers up on a fixed PATH: make `unionfs` findable there.
+if [ "$(id -u)" = 0 ]; then
+  ln -sf "$PWD/.venv/bin/unionfs" /usr/local/bin/unionfs
+  if [ -x .venv/bin/mountctl ]; then ln -sf "$PWD/.venv/bin/mountctl" /usr/local/bin/mountctl; fi
+fi

@@ -1,0 +1,51 @@
+"""Fixtures for mounted unionfs tests: a layer stack in tmp_path, mounted and torn down.
+
+`Stack.mount()` mounts the stack with unionfs (or another kind) and, on the way out, unmounts and
+fails the test if the server logged a handler bug (an exception other than OSError).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.mounts import Mount, mounted
+
+
+class Stack:
+    """Branch directories of one test: lowers l0 (top) .. lN, upper, work, mount point."""
+
+    def __init__(self, root: Path, nlower: int = 2) -> None:
+        self.root = root
+        self.lowers = [root / f"l{i}" for i in range(nlower)]
+        self.upper = root / "upper"
+        self.work = root / "work"
+        self.mnt = root / "mnt"
+        for d in [*self.lowers, self.upper, self.work, self.mnt]:
+            d.mkdir()
+
+    @contextlib.contextmanager
+    def mount(self, kind: str = "unionfs", upper: bool = True, options: tuple[str, ...] = (),
+              lowers: list[Path] | None = None, mnt: Path | None = None) -> Iterator[Mount]:
+        log = self.root / f"{kind}.log"
+        with mounted(kind, lowers or self.lowers, self.upper if upper else None,
+                     self.work if upper else None, mnt or self.mnt, options, log=log) as m:
+            yield m
+        assert "unionfs bug" not in m.server_log(), m.server_log()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Stack:
+    return Stack(tmp_path)
+
+
+def write(path: Path, data: bytes | str = b"", mode: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    if mode is not None:
+        os.chmod(path, mode)
+    return path

@@ -1,0 +1,215 @@
+"""The command line and the mount lifecycle: fuse-overlayfs compatible options, clear errors,
+daemonizing, mount(8) helper use, signals and clean unmounts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.mounts import fs_type, is_mounted, unmount, wait_mounted
+
+from .conftest import Stack, write
+
+UNIONFS = [sys.executable, "-m", "unionfs"]
+
+
+def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*UNIONFS, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _opts(stack: Stack, extra: str = "") -> str:
+    lowers = ":".join(str(p) for p in stack.lowers)
+    return f"lowerdir={lowers},upperdir={stack.upper},workdir={stack.work}{extra}"
+
+
+def test_help_documents_every_option() -> None:
+    r = run("--help")
+    assert r.returncode == 0
+    for word in ("lowerdir=", "upperdir=", "workdir=", "-f", "-d", "timeout=", "writeback=",
+                 "allow_other", "--version"):
+        assert word in r.stdout, word
+    v = run("--version")
+    assert v.returncode == 0 and v.stdout.startswith("unionfs ")
+
+
+@pytest.mark.parametrize("case", [
+    "no-lowerdir", "missing-lower", "lower-is-file", "upper-without-work", "work-without-upper",
+    "foreign-workdir", "unknown-option", "upper-inside-lower", "missing-mountpoint",
+    "bad-timeout", "too-many-args",
+])
+def test_bad_input_is_one_clear_line(stack: Stack, case: str, tmp_path: Path) -> None:
+    lowers = ":".join(str(p) for p in stack.lowers)
+    m = str(stack.mnt)
+    args: list[str]
+    if case == "no-lowerdir":
+        args = ["-o", f"upperdir={stack.upper},workdir={stack.work}", m]
+    elif case == "missing-lower":
+        args = ["-o", f"lowerdir={tmp_path}/nope", m]
+    elif case == "lower-is-file":
+        f = write(tmp_path / "file", "x")
+        args = ["-o", f"lowerdir={f}", m]
+    elif case == "upper-without-work":
+        args = ["-o", f"lowerdir={lowers},upperdir={stack.upper}", m]
+    elif case == "work-without-upper":
+        args = ["-o", f"lowerdir={lowers},workdir={stack.work}", m]
+    elif case == "foreign-workdir":
+        write(stack.work / "precious", "x")
+        args = ["-o", _opts(stack), m]
+    elif case == "unknown-option":
+        args = ["-o", _opts(stack, ",frobnicate=1"), m]
+    elif case == "upper-inside-lower":
+        inner = stack.lowers[0] / "up"
+        inner.mkdir()
+        args = ["-o", f"lowerdir={lowers},upperdir={inner},workdir={stack.work}", m]
+    elif case == "missing-mountpoint":
+        args = ["-o", _opts(stack), str(tmp_path / "nomnt")]
+    elif case == "bad-timeout":
+        args = ["-o", _opts(stack, ",timeout=0"), m]
+    else:
+        args = ["-o", _opts(stack), "a", "b", m]
+    r = run(*args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith(("unionfs:", "usage:")), r.stderr
+    assert not is_mounted(stack.mnt)
+    if case == "foreign-workdir":
+        assert (stack.work / "precious").exists()
+
+
+def test_busy_mountpoint_is_refused(stack: Stack) -> None:
+    write(stack.lowers[0] / "f", "1")
+    with stack.mount():
+        r = run("-o", _opts(stack), str(stack.mnt))
+        assert r.returncode == 1
+        assert "busy" in r.stderr
+
+
+def test_daemon_mode_returns_when_ready_and_umount_stops_server(stack: Stack) -> None:
+    write(stack.lowers[1] / "f", "hello")
+    # podman's form: trailing comma, generic options, source argument first
+    r = run("-o", _opts(stack, ",rw,noatime,dev,suid,context=\"x\","), "unionfs",
+            str(stack.mnt))
+    try:
+        assert r.returncode == 0, r.stderr
+        assert is_mounted(stack.mnt)
+        assert fs_type(stack.mnt) == "fuse.unionfs"
+        assert (stack.mnt / "f").read_text() == "hello"
+        pids = _server_pids(stack.mnt)
+        assert pids
+    finally:
+        subprocess.run(["umount", str(stack.mnt)], check=False, timeout=30)
+    _wait_gone(pids)
+    assert not is_mounted(stack.mnt)
+
+
+def _server_pids(mnt: Path) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"unionfs.*{mnt}"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def _wait_gone(pids: list[int], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and
+                 not open(f"/proc/{p}/stat").read().split(") ")[1].startswith("Z")]
+        if not alive:
+            return
+        time.sleep(0.05)
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise AssertionError(f"server processes {pids} still alive after unmount")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_unmount_cleanly(stack: Stack, sig: int) -> None:
+    write(stack.lowers[0] / "f", "1")
+    proc = subprocess.Popen([*UNIONFS, "-f", "-o", _opts(stack), str(stack.mnt)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_mounted(stack.mnt, proc=proc)
+        (stack.mnt / "new").write_text("x")
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        assert not is_mounted(stack.mnt)
+        out = proc.stdout.read().decode() if proc.stdout else ""
+        assert "Traceback" not in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        unmount(stack.mnt)
+    assert (stack.upper / "new").read_text() == "x"
+
+
+def test_fusermount_unmount_stops_foreground_server(stack: Stack) -> None:
+    proc = subprocess.Popen([*UNIONFS, "-f", "-o", _opts(stack), str(stack.mnt)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_mounted(stack.mnt, proc=proc)
+        subprocess.run(["fusermount3", "-u", str(stack.mnt)], check=True, timeout=30)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        unmount(stack.mnt)
+
+
+def test_killed_server_does_not_hang_callers(stack: Stack) -> None:
+    write(stack.lowers[0] / "f", "1")
+    proc = subprocess.Popen([*UNIONFS, "-f", "-o", _opts(stack), str(stack.mnt)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_mounted(stack.mnt, proc=proc)
+        proc.kill()
+        proc.wait(timeout=30)
+        probe = subprocess.run(["stat", str(stack.mnt / "f")], capture_output=True,
+                               timeout=30)
+        assert probe.returncode != 0  # ENOTCONN, not a hang
+    finally:
+        unmount(stack.mnt)
+    assert not is_mounted(stack.mnt)
+
+
+def test_mount_helper_and_fstab_style(stack: Stack) -> None:
+    """mount -t fuse.unionfs runs mount.fuse3, which runs `unionfs unionfs MNT -o ...`."""
+    if not Path("/usr/local/bin/unionfs").exists():
+        pytest.fail("scripts/setup.sh links unionfs into /usr/local/bin; run it first")
+    write(stack.lowers[0] / "f", "via mount(8)")
+    r = subprocess.run(["mount", "-t", "fuse.unionfs", "unionfs", str(stack.mnt), "-o",
+                        _opts(stack)], capture_output=True, text=True, timeout=60)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert fs_type(stack.mnt) == "fuse.unionfs"
+        assert (stack.mnt / "f").read_text() == "via mount(8)"
+    finally:
+        unmount(stack.mnt)
+    assert not is_mounted(stack.mnt)
+
+
+def test_lowerdir_escapes_and_symlinked_branches(tmp_path: Path) -> None:
+    odd = tmp_path / "we:ird,dir"
+    odd.mkdir()
+    write(odd / "f", "escaped")
+    link = tmp_path / "link"
+    os.symlink(odd, link)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    esc = str(odd).replace(":", "\\:").replace(",", "\\,")
+    for lower in (esc, str(link)):
+        r = run("-o", f"lowerdir={lower}", str(mnt))
+        try:
+            assert r.returncode == 0, r.stderr
+            assert (mnt / "f").read_text() == "escaped"
+        finally:
+            unmount(mnt)

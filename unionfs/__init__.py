@@ -1,0 +1,3 @@
+"""unionfs: a userspace union filesystem on FUSE."""
+
+__version__ = "0.1.0"

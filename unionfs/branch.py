@@ -1,0 +1,237 @@
+"""One branch of the union: a directory fd, and every access to it as an *at() call.
+
+A `Branch` owns the O_PATH fd of its root directory. Paths inside a branch are `bytes` relative
+to that root (b"" is the root). Directories are opened with openat2(RESOLVE_BENEATH |
+RESOLVE_NO_SYMLINKS), and objects are reached by name relative to their parent directory fd with
+AT_SYMLINK_NOFOLLOW / O_NOFOLLOW, so the server never follows a symlink out of a branch, and paths
+of any length work.
+
+Lower branches are immutable while mounted, so what is read from them (listings with whiteouts
+classified, opaque flags) is cached here; the upper branch is always read afresh.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from . import sys_linux as sl
+from .core.formats import (
+    OPAQUE_MARKER,
+    OPAQUE_XATTRS,
+    REDIRECT_XATTRS,
+    WHITEOUT_XATTRS,
+    is_chardev_whiteout,
+    opaque_value,
+    whiteout_target,
+)
+from .core.readdir import Listing
+from .core.resolve import MISSING, WHITEOUT, BranchEntry, Kind
+
+O_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+O_DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+_DIR = BranchEntry(Kind.DIR)
+_DIR_OPAQUE = BranchEntry(Kind.DIR, opaque=True)
+_OTHER = BranchEntry(Kind.OTHER)
+
+
+def join(rel: bytes, name: bytes) -> bytes:
+    return rel + b"/" + name if rel else name
+
+
+def split(rel: bytes) -> tuple[bytes, bytes]:
+    i = rel.rfind(b"/")
+    if i < 0:
+        return b"", rel
+    return rel[:i], rel[i + 1:]
+
+
+class Branch:
+    """A branch directory, numbered top-first (the upper, when there is one, is 0)."""
+
+    def __init__(self, index: int, path: str, writable: bool) -> None:
+        self.index = index
+        self.path = path
+        self.writable = writable
+        self.fd = os.open(path, O_DIR_PATH)
+        st = os.fstat(self.fd)
+        self.dev = st.st_dev
+        self._listings: dict[bytes, Listing] = {}
+        self._dirinfo: dict[bytes, tuple[bool, bytes | None]] = {}
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # --- directory fds -------------------------------------------------------------------
+    def open_dir(self, rel: bytes, flags: int = O_DIR_PATH) -> int:
+        """A new fd for directory REL of this branch, never through a symlink."""
+        if not rel:
+            return sl.openat2(self.fd, b".", flags)
+        return sl.openat2(self.fd, rel, flags)
+
+    # --- reading entries -----------------------------------------------------------------
+    def stat(self, rel: bytes) -> os.stat_result:
+        parent, name = split(rel)
+        if not name:
+            return os.fstat(self.fd)
+        pfd = self.open_dir(parent)
+        try:
+            return os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        finally:
+            os.close(pfd)
+
+    def entry(self, parent: bytes, name: bytes) -> BranchEntry:
+        """What this branch holds at PARENT/NAME, whiteouts and opaqueness classified."""
+        if not self.writable:
+            e = self.listing(parent).entry(name)
+            if e.kind is Kind.DIR:
+                opaque, _ = self.dir_info(join(parent, name))
+                if opaque:
+                    return BranchEntry(Kind.DIR, True, e.hides_below)
+            return e
+        try:
+            pfd = self.open_dir(parent)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                return MISSING
+            raise
+        try:
+            return self._entry_at(pfd, parent, name)
+        finally:
+            os.close(pfd)
+
+    def _entry_at(self, pfd: int, parent: bytes, name: bytes) -> BranchEntry:
+        hides = _exists(pfd, b".wh." + name)
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return BranchEntry(Kind.MISSING, hides_below=True) if hides else MISSING
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            opaque, _ = self.dir_info(join(parent, name))
+            if opaque or hides:
+                return BranchEntry(Kind.DIR, opaque, hides)
+            return _DIR
+        if is_chardev_whiteout(mode, st.st_rdev):
+            return WHITEOUT
+        return BranchEntry(Kind.OTHER, hides_below=True) if hides else _OTHER
+
+    def dir_info(self, rel: bytes) -> tuple[bool, bytes | None]:
+        """(opaque, redirect) of directory REL: opaque by xattr or a .wh..wh..opq entry."""
+        if not self.writable:
+            info = self._dirinfo.get(rel)
+            if info is not None:
+                return info
+        info = self._read_dir_info(rel)
+        if not self.writable:
+            self._dirinfo[rel] = info
+        return info
+
+    def _read_dir_info(self, rel: bytes) -> tuple[bool, bytes | None]:
+        try:
+            fd = self.open_dir(rel)
+        except OSError:
+            return False, None
+        try:
+            opaque = _exists(fd, OPAQUE_MARKER)
+            redirect = None
+            try:
+                names = os.listxattr(sl.fd_path(fd))
+            except OSError:
+                names = []
+            for n in names:
+                bn = n.encode()
+                if bn in OPAQUE_XATTRS and not opaque:
+                    opaque = opaque_value(_getxattr(fd, bn)) == "y"
+                elif bn in REDIRECT_XATTRS:
+                    redirect = _getxattr(fd, bn)
+            return opaque, redirect
+        finally:
+            os.close(fd)
+
+    def has_xwhiteouts(self, fd: int) -> bool:
+        return any(opaque_value(_getxattr(fd, n)) == "x" for n in OPAQUE_XATTRS[:2])
+
+    def listing(self, rel: bytes) -> Listing:
+        """All entries of directory REL, classified (cached for read-only branches)."""
+        if not self.writable:
+            cached = self._listings.get(rel)
+            if cached is not None:
+                return cached
+        lst = self._scan(rel)
+        if not self.writable:
+            self._listings[rel] = lst
+        return lst
+
+    def _scan(self, rel: bytes) -> Listing:
+        try:
+            fd = self.open_dir(rel, O_DIR_READ)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                return Listing()
+            raise
+        try:
+            xwh = self.has_xwhiteouts(fd)
+            entries: dict[bytes, BranchEntry] = {}
+            hidden: set[bytes] = set()
+            marker = False
+            with os.scandir(fd) as it:
+                for de in it:
+                    name = os.fsencode(de.name)
+                    if name.startswith(b".wh."):
+                        if name == OPAQUE_MARKER:
+                            marker = True
+                            continue
+                        target = whiteout_target(name)
+                        if target is not None:
+                            hidden.add(target)
+                            continue
+                    if de.is_dir(follow_symlinks=False):
+                        entries[name] = _DIR
+                        continue
+                    if de.is_file(follow_symlinks=False) or de.is_symlink():
+                        if xwh and de.is_file(follow_symlinks=False) and _is_xwhiteout(fd, name):
+                            entries[name] = WHITEOUT
+                        else:
+                            entries[name] = _OTHER
+                        continue
+                    st = de.stat(follow_symlinks=False)
+                    if is_chardev_whiteout(st.st_mode, st.st_rdev):
+                        entries[name] = WHITEOUT
+                    else:
+                        entries[name] = _OTHER
+            return Listing(entries, frozenset(hidden), marker)
+        finally:
+            os.close(fd)
+
+
+def _exists(dirfd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        return True
+    except OSError:
+        return False
+
+
+def _getxattr(fd: int, name: bytes) -> bytes | None:
+    try:
+        return os.getxattr(sl.fd_path(fd), name)
+    except OSError:
+        return None
+
+
+def _is_xwhiteout(dirfd: int, name: bytes) -> bool:
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_size != 0:
+            return False
+        return any(_getxattr(fd, n) is not None for n in WHITEOUT_XATTRS)
+    finally:
+        os.close(fd)

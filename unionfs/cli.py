@@ -1,0 +1,278 @@
+"""The command line, compatible with fuse-overlayfs, turned into a checked, frozen `Config`.
+
+    unionfs [-f] [-d] -o lowerdir=L1:L2,upperdir=U,workdir=W[,opt...] [SOURCE] MOUNTPOINT
+
+Bad input is reported as one line on stderr and exit status 1 (2 for usage errors), never a
+traceback. `parse_options` and `check` are separate from `main` so tests can call them directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import stat
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .config import Config
+from .mount import GENERIC_FUSE_OPTIONS
+
+HELP_OPTIONS = """\
+mount options (-o, comma separated, may repeat):
+  lowerdir=L1:L2:...   read-only branches, top first (required); '\\:' escapes a colon
+  upperdir=DIR         writable branch (needs workdir; without both the mount is read-only)
+  workdir=DIR          empty work directory on the same file system as upperdir
+  fsname=NAME          name shown as the mount's source (default: unionfs)
+  timeout=SECONDS      kernel entry/attribute cache timeout (default 86400)
+  writeback=0|1        kernel writeback cache (default 1)
+  allow_other          let other users in (default when run as root)
+  allow_root           accepted for compatibility (implies allow_other)
+  default_permissions  kernel permission checks (always on)
+  debug                same as -d
+accepted and ignored for fuse-overlayfs compatibility:
+  fsync=, fast_ino=, static_nlink, noacl, threaded=, volatile, xattr_permissions=,
+  squash_to_root, squash_to_uid=, squash_to_gid=, uidmapping=, gidmapping=, max_idle_threads=
+generic mount options (passed to the kernel where meaningful):
+  rw, ro, dev, nodev, suid, nosuid, exec, noexec, atime, noatime, relatime, strictatime,
+  lazytime, sync, async, dirsync, context=, fscontext=, defcontext=, rootcontext=, x-*
+"""
+
+_IGNORED_FLAGS = {"static_nlink", "noacl", "volatile", "squash_to_root", "nonempty",
+                  "default_permissions", "relatime", "strictatime", "lazytime", "nofail",
+                  "auto", "noauto", "user", "users", "nouser", "_netdev", "norelatime",
+                  "nodiratime", "diratime", "silent", "loud"}
+_IGNORED_KEYS = {"fsync", "fast_ino", "threaded", "xattr_permissions", "squash_to_uid",
+                 "squash_to_gid", "uidmapping", "gidmapping", "max_idle_threads", "context",
+                 "fscontext", "defcontext", "rootcontext", "plugins", "redirect_dir", "index",
+                 "metacopy", "xino", "max_threads", "uid", "gid", "default_permissions"}
+
+
+class UsageError(Exception):
+    """Bad command line or bad branches: reported as one line, exit status 1."""
+
+
+def split_options(text: str) -> list[str]:
+    """Split a -o string on commas, honouring backslash escapes (kept for lowerdir)."""
+    out: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            cur.append(text[i:i + 2])
+            i += 2
+            continue
+        if c == ",":
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    out.append("".join(cur))
+    return out
+
+
+def split_lowerdir(value: str) -> list[str]:
+    r"""Split lowerdir on ':' ; '\:' is a literal colon, '\\' a backslash, '\,' a comma."""
+    out: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if c == "\\" and i + 1 < len(value):
+            cur.append(value[i + 1])
+            i += 2
+            continue
+        if c == ":":
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    out.append("".join(cur))
+    return out
+
+
+def _unescape(value: str) -> str:
+    return "".join(split_lowerdir(value.replace(":", "\\:")))
+
+
+def parse_options(opts: Sequence[str]) -> dict[str, object]:
+    """Interpret the -o options. Returns the recognised settings."""
+    res: dict[str, object] = {"fuse": []}
+    fuse: list[str] = []
+    for raw in opts:
+        for opt in split_options(raw):
+            if not opt:
+                continue  # a trailing comma, as podman writes
+            key, eq, value = opt.partition("=")
+            if key == "lowerdir":
+                dirs = split_lowerdir(value)
+                if not value or any(not d for d in dirs):
+                    raise UsageError("lowerdir: empty branch path")
+                res["lowerdir"] = dirs
+            elif key in ("upperdir", "workdir", "fsname"):
+                if not value:
+                    raise UsageError(f"{key}: empty value")
+                res[key] = _unescape(value)
+            elif key == "timeout":
+                try:
+                    t = float(value)
+                except ValueError:
+                    raise UsageError(f"timeout: not a number: {value!r}") from None
+                if t <= 0:
+                    raise UsageError("timeout: must be > 0 (0 disables the kernel cache "
+                                     "and makes every read cost a request)")
+                res["timeout"] = t
+            elif key == "writeback":
+                if value not in ("0", "1"):
+                    raise UsageError(f"writeback: expected 0 or 1, got {value!r}")
+                res["writeback"] = value == "1"
+            elif key in ("allow_other", "allow_root") and not eq:
+                res["allow_other"] = True
+            elif key == "debug" and not eq:
+                res["debug"] = True
+            elif not eq and key in GENERIC_FUSE_OPTIONS:
+                fuse.append(key)
+            elif (not eq and key in _IGNORED_FLAGS) or (eq and key in _IGNORED_KEYS) \
+                    or key.startswith("x-"):
+                continue
+            else:
+                raise UsageError(f"unknown option: {opt!r} (see unionfs --help)")
+    res["fuse"] = fuse
+    return res
+
+
+def _is_dir(path: str, what: str) -> str:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path!r} does not exist") from None
+    except OSError as e:
+        raise UsageError(f"{what} {path!r}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{what} {path!r} is not a directory")
+    return os.path.realpath(path)
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip("/") + "/")
+
+
+def _mounted_paths() -> set[str]:
+    out = set()
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                mp = line.split()[4]
+                out.add(mp.encode().decode("unicode_escape"))
+    except OSError:
+        pass
+    return out
+
+
+ALLOWED_IN_WORKDIR = {"work", "index", "incompat"}
+
+
+def check(settings: dict[str, object], mountpoint: str, foreground: bool, debug: bool
+          ) -> Config:
+    """Validate branches and mount point; build the Config."""
+    lowers_raw = settings.get("lowerdir")
+    if not lowers_raw:
+        raise UsageError("missing -o lowerdir=DIR[:DIR...]")
+    assert isinstance(lowers_raw, list)
+    lowers = [_is_dir(p, "lowerdir") for p in lowers_raw]
+    upper = settings.get("upperdir")
+    work = settings.get("workdir")
+    assert upper is None or isinstance(upper, str)
+    assert work is None or isinstance(work, str)
+    if (upper is None) != (work is None):
+        raise UsageError("upperdir and workdir go together: give both or neither")
+    if upper is not None:
+        assert isinstance(upper, str) and isinstance(work, str)
+        upper = _is_dir(upper, "upperdir")
+        work = _is_dir(work, "workdir")
+        if os.stat(upper).st_dev != os.stat(work).st_dev:
+            raise UsageError(f"workdir {work!r} is not on the same file system as upperdir "
+                             f"{upper!r}")
+        if _inside(work, upper) or _inside(upper, work):
+            raise UsageError("upperdir and workdir must not contain each other")
+        for low in lowers:
+            if _inside(upper, low) or _inside(low, upper):
+                raise UsageError(f"upperdir {upper!r} overlaps lowerdir {low!r}")
+            if _inside(work, low):
+                raise UsageError(f"workdir {work!r} is inside lowerdir {low!r}")
+        foreign = sorted(set(os.listdir(work)) - ALLOWED_IN_WORKDIR)
+        if foreign:
+            raise UsageError(f"workdir {work!r} holds files that are not ours: "
+                             f"{', '.join(foreign[:5])} (use an empty directory)")
+        if not os.access(upper, os.W_OK) or not os.access(work, os.W_OK):
+            raise UsageError("upperdir and workdir must be writable")
+    mnt = _is_dir(mountpoint, "mountpoint")
+    if mnt in _mounted_paths() and not any(mnt == p for p in lowers):
+        raise UsageError(f"mountpoint {mountpoint!r} is busy: something is mounted there")
+    fuse_opts = settings.get("fuse", [])
+    assert isinstance(fuse_opts, list)
+    fsname = settings.get("fsname", "unionfs")
+    timeout = settings.get("timeout", 86400.0)
+    assert isinstance(fsname, str) and isinstance(timeout, float)
+    writeback = settings.get("writeback", True)
+    return Config(
+        lowers=tuple(lowers), mountpoint=mnt, upper=upper, work=work,
+        foreground=foreground or debug, debug=debug, fsname=fsname,
+        allow_other=bool(settings.get("allow_other", os.geteuid() == 0)),
+        timeout=timeout, writeback=bool(writeback), fuse_options=tuple(fuse_opts),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="unionfs",
+        description="A union file system in user space: read-only lower branches under one "
+                    "writable upper branch, with overlayfs/OCI whiteouts. Command line "
+                    "compatible with fuse-overlayfs.",
+        epilog=HELP_OPTIONS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="mount options, see below")
+    p.add_argument("-f", dest="foreground", action="store_true",
+                   help="stay in the foreground (default: return once mounted)")
+    p.add_argument("-d", dest="debug", action="store_true",
+                   help="log every request to stderr (implies -f)")
+    p.add_argument("-V", "--version", action="version", version=f"unionfs {__version__}")
+    p.add_argument("paths", nargs="+", metavar="[SOURCE] MOUNTPOINT",
+                   help="mount point; a preceding SOURCE (as mount(8) passes) is ignored")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    if len(args.paths) > 2:
+        parser.error("too many arguments: expected [SOURCE] MOUNTPOINT")
+    mountpoint = args.paths[-1]
+    try:
+        settings = parse_options(args.options)
+        debug = bool(args.debug or settings.get("debug"))
+        config = check(settings, mountpoint, args.foreground, debug)
+    except UsageError as e:
+        print(f"unionfs: {e}", file=sys.stderr)
+        return 1
+    logging.basicConfig(level=logging.DEBUG if config.debug else logging.WARNING,
+                        format="unionfs: %(levelname)s %(message)s")
+    from .mount import run
+
+    def on_error(msg: str) -> None:
+        print(f"unionfs: {msg}", file=sys.stderr)
+
+    try:
+        return run(config, on_error)
+    except KeyboardInterrupt:
+        return 130
+    except OSError as e:
+        print(f"unionfs: cannot mount {mountpoint!r}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        print(f"unionfs: cannot mount {mountpoint!r}: {e}", file=sys.stderr)
+        return 1

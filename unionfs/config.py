@@ -1,0 +1,26 @@
+"""The frozen configuration of one mount, built by `cli` and read everywhere else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Config:
+    lowers: tuple[str, ...]
+    mountpoint: str
+    upper: str | None = None
+    work: str | None = None
+    foreground: bool = False
+    debug: bool = False
+    fsname: str = "unionfs"
+    allow_other: bool = False
+    default_permissions: bool = True
+    timeout: float = 86400.0
+    writeback: bool = True
+    squash_to_root: bool = False
+    fuse_options: tuple[str, ...] = field(default=())
+
+    @property
+    def writable(self) -> bool:
+        return self.upper is not None

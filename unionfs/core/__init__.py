@@ -1,0 +1,1 @@
+"""Pure decision logic: no os, no pyfuse3, no trio imports."""

@@ -1,0 +1,120 @@
+"""Mount lifecycle: init, serve, clean unmount, signals, and daemonizing.
+
+`run(config)` returns only after the file system is unmounted. By default the server forks: the
+parent returns once the mount is ready (or reports why it failed), the child serves in its own
+session. SIGTERM, SIGINT and SIGHUP end the loop; the mount is always closed in `finally`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from .config import Config
+from .ops import UnionOperations
+from .union import Union
+
+log = logging.getLogger("unionfs")
+
+GENERIC_FUSE_OPTIONS = frozenset({
+    "ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
+    "sync", "async", "dirsync",
+})
+
+
+def fuse_options(config: Config) -> set[str]:
+    opts = {f"fsname={config.fsname}", "subtype=unionfs"}
+    if config.default_permissions:
+        opts.add("default_permissions")
+    if config.allow_other:
+        opts.add("allow_other")
+    opts.update(o for o in config.fuse_options if o in GENERIC_FUSE_OPTIONS)
+    if config.upper is None:
+        opts.discard("rw")
+        opts.add("ro")
+    return opts
+
+
+async def _serve() -> None:
+    async with trio.open_nursery() as nursery:
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async for signum in sigs:
+                    log.info("signal %d: unmounting", signum)
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(watch_signals)
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
+        nursery.cancel_scope.cancel()
+
+
+def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
+    """Mount and serve until unmounted or signalled. Returns the number of handler bugs."""
+    union = Union(config)
+    ops = UnionOperations(union, timeout=config.timeout, writeback=config.writeback,
+                          debug=config.debug)
+    try:
+        pyfuse3.init(ops, config.mountpoint, fuse_options(config))
+    except BaseException:
+        union.close()
+        raise
+    try:
+        if ready is not None:
+            ready()
+        trio.run(_serve)
+    finally:
+        try:
+            pyfuse3.close(unmount=True)
+        finally:
+            union.close()
+    return ops.bugs
+
+
+def run(config: Config, on_error: Callable[[str], None]) -> int:
+    """Run the server in the foreground or daemonized, as the config says."""
+    if config.foreground:
+        serve(config)
+        return 0
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            msg = f.read()
+        if msg == b"ok":
+            return 0
+        os.waitpid(pid, 0)
+        on_error(msg.decode(errors="replace").strip() or "the server exited before mounting")
+        return 1
+    # child: a session of its own, stdio detached once the mount is ready
+    os.close(r)
+    os.setsid()
+
+    def ready() -> None:
+        os.write(w, b"ok")
+        os.close(w)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+
+    code = 0
+    try:
+        serve(config, ready)
+    except BaseException as e:  # report to the parent if it is still waiting
+        try:
+            os.write(w, f"{e}".encode())
+            os.close(w)
+        except OSError:
+            pass
+        code = 1
+    finally:
+        sys.stdout.flush()
+    os._exit(code)

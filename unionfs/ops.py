@@ -1,0 +1,306 @@
+"""The pyfuse3 adapter: the only module that imports pyfuse3.
+
+Each handler translates a kernel request into one call of the synchronous `Union` engine and its
+answer back into pyfuse3 types. `OSError` becomes `FUSEError(errno)`; any other exception is a bug:
+it is logged with its traceback, counted in `bugs`, and answered with EIO, so one bad request
+never takes the mount down.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from .core.readdir import MergedEntry
+from .inodes import Node
+from .union import Caller, Union
+
+log = logging.getLogger("unionfs")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_ENOATTR = getattr(pyfuse3, "ENOATTR", errno.ENODATA)
+
+
+def _translating(
+    fn: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        self = args[0]
+        assert isinstance(self, UnionOperations)
+        if self.count_requests:
+            self.requests[name] += 1
+            if self.debug:
+                log.debug("%s%r", name, args[1:])
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            code = e.errno or errno.EIO
+            if self.debug:
+                log.debug("%s%r -> %s", name, args[1:], errno.errorcode.get(code, code))
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            self.bugs += 1
+            log.exception("unionfs bug in %s%r; answering EIO", name, args[1:])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
+    supports_dot_lookup = True
+    enable_acl = False
+
+    def __init__(self, union: Union, timeout: float, writeback: bool = True,
+                 debug: bool = False, count_requests: bool = False) -> None:
+        super().__init__()
+        self.union = union
+        self.timeout = timeout
+        self.enable_writeback_cache = writeback
+        self.debug = debug
+        self.count_requests = count_requests or debug
+        self.requests: Counter[str] = Counter()
+        self.bugs = 0
+        self._dirs: dict[int, list[MergedEntry]] = {}
+        self._dir_nodes: dict[int, int] = {}
+        self._next_dh = 1
+
+    # --- translation helpers ---------------------------------------------------------
+    def _attr(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = self.timeout
+        a.attr_timeout = self.timeout
+        a.st_mode = st.st_mode
+        a.st_nlink = self.union.nlink(node, st)
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_blksize = st.st_blksize
+        a.st_blocks = st.st_blocks
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        return a
+
+    @staticmethod
+    def _caller(ctx: Any) -> Caller:
+        return Caller(ctx.uid, ctx.gid, ctx.umask)
+
+    # --- lookups -----------------------------------------------------------------------
+    @_translating
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
+                     ) -> pyfuse3.EntryAttributes:
+        node, st = self.union.lookup(parent_inode, name)
+        return self._attr(node, st)
+
+    @_translating
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            self.union.forget(ino, n)
+
+    @_translating
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        node, st = self.union.getattr(inode)
+        return self._attr(node, st)
+
+    @_translating
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any
+                      ) -> pyfuse3.EntryAttributes:
+        node, st = self.union.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            fh=fh,
+        )
+        return self._attr(node, st)
+
+    @_translating
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return self.union.readlink(inode)
+
+    # --- creating and removing ------------------------------------------------------------
+    @_translating
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+                    ) -> pyfuse3.EntryAttributes:
+        node, st = self.union.mknod(parent_inode, name, mode, rdev, self._caller(ctx))
+        return self._attr(node, st)
+
+    @_translating
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any
+                    ) -> pyfuse3.EntryAttributes:
+        node, st = self.union.mkdir(parent_inode, name, mode, self._caller(ctx))
+        return self._attr(node, st)
+
+    @_translating
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+                      ) -> pyfuse3.EntryAttributes:
+        node, st = self.union.symlink(parent_inode, name, target, self._caller(ctx))
+        return self._attr(node, st)
+
+    @_translating
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
+                   ) -> pyfuse3.EntryAttributes:
+        node, st = self.union.link(inode, new_parent_inode, new_name)
+        return self._attr(node, st)
+
+    @_translating
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self.union.unlink(parent_inode, name)
+
+    @_translating
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self.union.rmdir(parent_inode, name)
+
+    @_translating
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        self.union.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # --- files -------------------------------------------------------------------------
+    @_translating
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        fh = self.union.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_translating
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, node, st = self.union.create(parent_inode, name, mode, flags, self._caller(ctx))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(node, st)
+
+    @_translating
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.union.read(fh, off, size)
+
+    @_translating
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.union.write(fh, off, buf)
+
+    @_translating
+    async def flush(self, fh: int) -> None:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    @_translating
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        self.union.fsync(fh, datasync)
+
+    @_translating
+    async def release(self, fh: int) -> None:
+        self.union.release(fh)
+
+    # --- directories -------------------------------------------------------------------
+    @_translating
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        entries = self.union.opendir(inode)
+        dh = self._next_dh
+        self._next_dh += 1
+        self._dirs[dh] = entries
+        self._dir_nodes[dh] = inode
+        return dh
+
+    @_translating
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        entries = self._dirs[fh]
+        parent = self._dir_nodes[fh]
+        # offsets: 0 ".", 1 "..", 2 + i the i-th merged entry. The kernel counts no lookup
+        # for "." and "..".
+        if start_id < 2:
+            dnode, dst = self.union.getattr(parent)
+            if start_id == 0 and not pyfuse3.readdir_reply(token, b".", self._attr(dnode, dst), 1):
+                return
+            up = dnode.parent if dnode.parent is not None else dnode
+            try:
+                ust = dst if up is dnode else self.union.getattr(up.ino)[1]
+            except OSError:
+                up, ust = dnode, dst
+            if not pyfuse3.readdir_reply(token, b"..", self._attr(up, ust), 2):
+                return
+            start_id = 2
+        for i in range(start_id - 2, len(entries)):
+            name = entries[i].name
+            try:
+                node, st = self.union.lookup(parent, name)
+            except OSError:
+                continue  # removed since opendir
+            if not pyfuse3.readdir_reply(token, name, self._attr(node, st), i + 3):
+                self.union.forget(node.ino, 1)
+                break
+
+    @_translating
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+        self._dir_nodes.pop(fh, None)
+
+    @_translating
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        ino = self._dir_nodes.get(fh)
+        if ino is not None:
+            self.union.fsyncdir(ino)
+
+    # --- xattrs ------------------------------------------------------------------------
+    @_translating
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        try:
+            return self.union.getxattr(inode, name)
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(_ENOATTR) from None
+            raise
+
+    @_translating
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return self.union.listxattr(inode)
+
+    @_translating
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        self.union.setxattr(inode, name, value)
+
+    @_translating
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        try:
+            self.union.removexattr(inode, name)
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(_ENOATTR) from None
+            raise
+
+    # --- misc --------------------------------------------------------------------------
+    @_translating
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        return True
+
+    @_translating
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        sv = self.union.statfs()
+        d = pyfuse3.StatvfsData()
+        d.f_bsize = sv.f_bsize
+        d.f_frsize = sv.f_frsize
+        d.f_blocks = sv.f_blocks
+        d.f_bfree = sv.f_bfree
+        d.f_bavail = sv.f_bavail
+        d.f_files = sv.f_files
+        d.f_ffree = sv.f_ffree
+        d.f_favail = sv.f_favail
+        d.f_namemax = max(sv.f_namemax - 4, 1)
+        return d
+

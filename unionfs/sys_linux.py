@@ -1,0 +1,72 @@
+"""Linux system calls that the os module lacks: openat2, renameat2, FICLONE, mknodat-free helpers.
+
+Each wrapper raises OSError with the kernel's errno, like the os module does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import fcntl
+import os
+import platform
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+_NR = {
+    "x86_64": {"openat2": 437, "renameat2": 316},
+    "aarch64": {"openat2": 437, "renameat2": 276},
+}.get(platform.machine(), {"openat2": 437, "renameat2": 316})
+
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+
+FICLONE = 0x40049409
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def _raise(path: bytes | None = None) -> None:
+    e = ctypes.get_errno()
+    raise OSError(e, os.strerror(e), path)
+
+
+def openat2(dirfd: int, path: bytes, flags: int, mode: int = 0,
+            resolve: int = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS) -> int:
+    """openat2(2): open PATH below DIRFD without following any symlink or leaving the tree."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    fd = _syscall(_NR["openat2"], ctypes.c_int(dirfd), ctypes.c_char_p(path),
+                  ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    if fd < 0:
+        _raise(path)
+    return int(fd)
+
+
+def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes,
+              flags: int = 0) -> None:
+    r = _syscall(_NR["renameat2"], ctypes.c_int(olddirfd), ctypes.c_char_p(oldname),
+                 ctypes.c_int(newdirfd), ctypes.c_char_p(newname), ctypes.c_uint(flags))
+    if r < 0:
+        _raise(oldname)
+
+
+def ficlone(dst_fd: int, src_fd: int) -> None:
+    fcntl.ioctl(dst_fd, FICLONE, src_fd)
+
+
+def fd_path(fd: int) -> str:
+    """The /proc magic link of FD: lets path-only calls (xattrs, chmod) act on an O_PATH fd."""
+    return f"/proc/self/fd/{fd}"

@@ -1,0 +1,971 @@
+"""The union engine: applies the core's decisions to the branches with *at() system calls.
+
+`Union` is synchronous and knows nothing of FUSE: every method takes and returns plain values
+(nodes, `os.stat_result`, bytes) and reports expected failures as `OSError(errno)`; `ops` adapts
+it to pyfuse3. It owns:
+
+- the branches (upper = index 0 when present, lowers below it) and the work directory;
+- the inode table (which nodes the kernel holds, their locations and lookup counts);
+- open file handles (one real fd per open);
+- copy-up, whiteouts and opaque markers in the upper branch.
+
+Invariants:
+- lower branches are never written;
+- every change to the upper is made so that a crash leaves either the old or the new state of
+  each name: new objects are built in the work directory and renamed into place;
+- a node's `upper` flag is true iff the upper branch holds it at the node's path.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from . import copyup
+from . import sys_linux as sl
+from .branch import O_DIR_PATH, Branch, join, split
+from .config import Config
+from .core.formats import (
+    FUSEOVL_OPAQUE,
+    NAME_MAX,
+    TRUSTED_OPAQUE,
+    USER_OPAQUE,
+    check_name,
+    is_private_xattr,
+    wh_name,
+)
+from .core.readdir import MergedEntry, merge
+from .core.resolve import BranchEntry, Kind, Resolution, lower_exists, resolve
+from .inodes import ROOT_INO, InodeTable, Node
+
+WORK_SUBDIR = "work"
+_ALLOWED_IN_WORKDIR = {"work", "index", "incompat", "unionfs"}
+
+O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _err(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+@dataclass(slots=True)
+class Handle:
+    fd: int
+    node: Node
+    flags: int
+    gen: int
+    writable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks: the credentials new objects are created with."""
+
+    uid: int = 0
+    gid: int = 0
+    umask: int = 0o022
+
+
+ROOT_CALLER = Caller()
+
+
+class Union:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.branches: list[Branch] = []
+        self.upper: Branch | None = None
+        self.work_fd = -1
+        if config.upper is not None:
+            self.upper = Branch(0, config.upper, writable=True)
+            self.branches.append(self.upper)
+        for p in config.lowers:
+            self.branches.append(Branch(len(self.branches), p, writable=False))
+        self.privileged = os.geteuid() == 0
+        self._fh = itertools.count(1)
+        self._tmp = itertools.count(1)
+        self.chardev_whiteouts = False
+        self.trusted_xattrs = False
+        if self.upper is not None:
+            assert config.work is not None
+            self._open_work(config.work)
+        self.inodes = InodeTable()
+        self.handles: dict[int, Handle] = {}
+        self.root = self._make_root()
+
+    # --- set-up ------------------------------------------------------------------------
+    def _open_work(self, work: str) -> None:
+        wfd = os.open(work, O_DIR_PATH)
+        try:
+            try:
+                os.mkdir(WORK_SUBDIR, 0o700, dir_fd=wfd)
+            except FileExistsError:
+                pass
+            self.work_fd = sl.openat2(wfd, WORK_SUBDIR.encode(), O_DIR_PATH)
+        finally:
+            os.close(wfd)
+        self.clean_work()
+        self._probe_capabilities()
+
+    def clean_work(self) -> None:
+        """Remove leftovers of interrupted operations from the work directory."""
+        rfd = sl.openat2(self.work_fd, b".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name in os.listdir(rfd):
+                self._purge(self.work_fd, os.fsencode(name))
+        finally:
+            os.close(rfd)
+
+    def _probe_capabilities(self) -> None:
+        name = self._tmpname()
+        try:
+            os.mknod(name, stat.S_IFCHR | 0o000, 0, dir_fd=self.work_fd)
+            os.unlink(name, dir_fd=self.work_fd)
+            self.chardev_whiteouts = True
+        except OSError:
+            self.chardev_whiteouts = False
+        try:
+            os.mkdir(name, 0o700, dir_fd=self.work_fd)
+            fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=self.work_fd)
+            try:
+                os.setxattr(sl.fd_path(fd), TRUSTED_OPAQUE, b"y")
+                self.trusted_xattrs = True
+            except OSError:
+                self.trusted_xattrs = False
+            finally:
+                os.close(fd)
+        finally:
+            self._purge(self.work_fd, name)
+
+    def _make_root(self) -> Node:
+        entries = []
+        for b in self.branches:
+            opaque, _ = b.dir_info(b"")
+            entries.append((b.index, BranchEntry(Kind.DIR, opaque=opaque)))
+        res = resolve(entries)
+        upper = self.upper is not None
+        lowers = tuple((i, b"") for i in res.branches if i != 0 or self.upper is None)
+        root = Node(ROOT_INO, None, b"", True, upper, lowers)
+        root.nlookup = 1
+        self.inodes.add(root)
+        top = self.branches[res.branches[0]]
+        st = os.fstat(top.fd)
+        self.inodes.alias(st.st_dev, st.st_ino, ROOT_INO)
+        return root
+
+    def close(self) -> None:
+        for h in self.handles.values():
+            try:
+                os.close(h.fd)
+            except OSError:
+                pass
+        self.handles.clear()
+        for b in self.branches:
+            b.close()
+        if self.work_fd >= 0:
+            os.close(self.work_fd)
+            self.work_fd = -1
+
+    # --- locating ------------------------------------------------------------------------
+    def node(self, ino: int) -> Node:
+        try:
+            return self.inodes.get(ino)
+        except KeyError:
+            raise _err(errno.ESTALE) from None
+
+    def layers(self, node: Node) -> Iterator[tuple[Branch, bytes]]:
+        """The branch directories a directory node merges, top-first."""
+        if node.upper:
+            assert self.upper is not None
+            yield self.upper, node.path()
+        for b, rel in node.lowers:
+            yield self.branches[b], rel
+
+    def where(self, node: Node) -> tuple[Branch, bytes]:
+        """Branch and path of the object that represents NODE (its topmost one)."""
+        if node.upper:
+            assert self.upper is not None
+            return self.upper, node.path()
+        b, rel = node.lowers[0]
+        return self.branches[b], rel
+
+    def _resolve(self, parent: Node, name: bytes
+                 ) -> tuple[Resolution, list[tuple[int, BranchEntry]], dict[int, bytes]]:
+        if not parent.is_dir:
+            raise _err(errno.ENOTDIR)
+        entries: list[tuple[int, BranchEntry]] = []
+        paths: dict[int, bytes] = {}
+        for branch, rel in self.layers(parent):
+            entries.append((branch.index, branch.entry(rel, name)))
+            paths[branch.index] = join(rel, name)
+        return resolve(entries), entries, paths
+
+    def _node_for(self, parent: Node, name: bytes, res: Resolution, paths: dict[int, bytes],
+                  register: bool = True) -> tuple[Node, os.stat_result]:
+        top = res.branches[0]
+        st = self.branches[top].stat(paths[top])
+        is_dir = res.kind is Kind.DIR
+        upper = self.upper is not None and top == 0
+        if is_dir:
+            lowers = tuple((b, paths[b]) for b in res.branches if not (upper and b == 0))
+        else:
+            lowers = () if upper else ((top, paths[top]),)
+        ino = self.inodes.number(st.st_dev, st.st_ino)
+        node = self.inodes.nodes.get(ino)
+        if node is not None and (node.unlinked or node.is_dir != is_dir):
+            # the number belongs to an object that is gone but still known to the kernel
+            ino = self.inodes.number(-1, next(self._tmp))
+            self.inodes.alias(st.st_dev, st.st_ino, ino)
+            node = None
+        if node is None:
+            node = Node(ino, parent, name, is_dir, upper, lowers)
+            if register:
+                self.inodes.add(node)
+        else:
+            if is_dir:
+                node.parent, node.name = parent, name
+            else:
+                node.add_name(parent, name)
+            node.upper, node.lowers = upper, lowers
+        return node, st
+
+    # --- lookups and attributes ---------------------------------------------------------
+    def lookup(self, parent_ino: int, name: bytes) -> tuple[Node, os.stat_result]:
+        """Find NAME in a directory; counts one kernel reference on success."""
+        parent = self.node(parent_ino)
+        if len(name) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG)
+        if name == b".":
+            node = parent
+            st = self._stat(node)
+        elif name == b"..":
+            node = parent.parent or parent
+            st = self._stat(node)
+        else:
+            res, _entries, paths = self._resolve(parent, name)
+            if res.kind is Kind.MISSING:
+                raise _err(errno.ENOENT)
+            node, st = self._node_for(parent, name, res, paths)
+        node.nlookup += 1
+        return node, st
+
+    def forget(self, ino: int, count: int) -> None:
+        self.inodes.forget(ino, count)
+
+    def _stat(self, node: Node) -> os.stat_result:
+        if node.unlinked:
+            if node.handles:
+                return os.fstat(self.handles[next(iter(node.handles))].fd)
+            raise _err(errno.ENOENT)
+        branch, rel = self.where(node)
+        return branch.stat(rel)
+
+    def getattr(self, ino: int) -> tuple[Node, os.stat_result]:
+        node = self.node(ino)
+        return node, self._stat(node)
+
+    def nlink(self, node: Node, st: os.stat_result) -> int:
+        """Link count as the union shows it: merged directories count their merged subdirs."""
+        if node.unlinked:
+            return 0
+        if node.is_dir and (len(node.lowers) + node.upper) > 1:
+            return 2 + sum(1 for m in self.merged(node) if m.is_dir)
+        return st.st_nlink
+
+    def merged(self, node: Node) -> list[MergedEntry]:
+        """The merged listing of a directory node (cached until something changes in it)."""
+        cached = node.merged
+        if cached is not None:
+            assert isinstance(cached, list)
+            return cached
+        listings = [(b.index, b.listing(rel)) for b, rel in self.layers(node)]
+        out = merge(listings)
+        node.merged = out
+        return out
+
+    def _changed(self, *nodes: Node) -> None:
+        for n in nodes:
+            n.merged = None
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.node(ino)
+        branch, rel = self.where(node)
+        parent, name = split(rel)
+        pfd = branch.open_dir(parent)
+        try:
+            return os.readlink(name, dir_fd=pfd)
+        finally:
+            os.close(pfd)
+
+    # --- upper-branch helpers -------------------------------------------------------------
+    def _need_upper(self) -> Branch:
+        if self.upper is None:
+            raise _err(errno.EROFS)
+        return self.upper
+
+    def _tmpname(self) -> bytes:
+        return b"#%x.%d" % (next(self._tmp), os.getpid())
+
+    def _purge(self, dirfd: int, name: bytes) -> None:
+        """Remove DIRFD/NAME recursively (used only inside the work directory)."""
+        try:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=dirfd)
+            return
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dirfd)
+        try:
+            for child in os.listdir(fd):
+                self._purge(fd, os.fsencode(child))
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=dirfd)
+
+    def _upper_dir(self, node: Node) -> int:
+        """An O_PATH fd of NODE's directory in the upper branch (copied up first)."""
+        upper = self._need_upper()
+        self.copy_up(node)
+        return upper.open_dir(node.path())
+
+    def _set_opaque(self, path: str) -> None:
+        os.setxattr(path, TRUSTED_OPAQUE if self.trusted_xattrs else USER_OPAQUE, b"y")
+
+    def _clear_opaque(self, path: str) -> None:
+        for n in (TRUSTED_OPAQUE, USER_OPAQUE, FUSEOVL_OPAQUE):
+            try:
+                os.removexattr(path, n)
+            except OSError:
+                pass
+
+    def _make_whiteout(self, pfd: int, name: bytes, existing: str | None) -> None:
+        """Leave a whiteout at PFD/NAME. EXISTING: None, "file" or "dir" (an upper object there,
+        already checked to hide only empty content) which the whiteout replaces atomically."""
+        if self.chardev_whiteouts:
+            tmp = self._tmpname()
+            if existing is None:
+                os.mknod(name, stat.S_IFCHR | 0o000, 0, dir_fd=pfd)
+                return
+            os.mknod(tmp, stat.S_IFCHR | 0o000, 0, dir_fd=self.work_fd)
+            if existing == "dir":
+                sl.renameat2(self.work_fd, tmp, pfd, name, sl.RENAME_EXCHANGE)
+                self._purge(self.work_fd, tmp)
+            else:
+                sl.renameat2(self.work_fd, tmp, pfd, name)
+            return
+        wh = wh_name(name)
+        fd = os.open(wh, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o000,
+                     dir_fd=pfd)
+        os.close(fd)
+        if existing == "dir":
+            tmp = self._tmpname()
+            sl.renameat2(pfd, name, self.work_fd, tmp)
+            self._purge(self.work_fd, tmp)
+        elif existing == "file":
+            os.unlink(name, dir_fd=pfd)
+
+    def _remove_upper(self, pfd: int, name: bytes, is_dir: bool) -> None:
+        if not is_dir:
+            os.unlink(name, dir_fd=pfd)
+            return
+        try:
+            os.rmdir(name, dir_fd=pfd)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # only whiteouts and markers are left in it (the merged view is empty)
+            tmp = self._tmpname()
+            sl.renameat2(pfd, name, self.work_fd, tmp)
+            self._purge(self.work_fd, tmp)
+
+    def _owner(self, parent_st: os.stat_result, caller: Caller, mode: int
+               ) -> tuple[int, int, int]:
+        gid = caller.gid
+        if parent_st.st_mode & stat.S_ISGID:
+            gid = parent_st.st_gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        return caller.uid, gid, mode
+
+    # --- copy-up -----------------------------------------------------------------------
+    def copy_up(self, node: Node) -> None:
+        """Make the upper branch hold NODE (and its parents), keeping its inode number."""
+        if node.upper:
+            return
+        upper = self._need_upper()
+        parent = node.parent
+        assert parent is not None, "the root always exists in the upper branch"
+        self.copy_up(parent)
+        src_branch, src_rel = node.lowers[0]
+        src = self.branches[src_branch]
+        sparent, sname = split(src_rel)
+        st = src.stat(src_rel)
+        spfd = src.open_dir(sparent)
+        upfd = upper.open_dir(parent.path())
+        tmp = self._tmpname()
+        try:
+            copyup.copy_object(spfd, sname, self.work_fd, tmp, st, self.privileged)
+            try:
+                sl.renameat2(self.work_fd, tmp, upfd, node.name, sl.RENAME_NOREPLACE)
+            except OSError:
+                self._purge(self.work_fd, tmp)
+                raise
+            ust = os.stat(node.name, dir_fd=upfd, follow_symlinks=False)
+        finally:
+            os.close(spfd)
+            os.close(upfd)
+        self.inodes.alias(ust.st_dev, ust.st_ino, node.ino)
+        node.upper = True
+        if not node.is_dir:
+            node.lowers = ()
+            node.gen += 1
+        self._changed(parent)
+
+    # --- creating ----------------------------------------------------------------------
+    def _prepare_create(self, parent: Node, name: bytes) -> tuple[int, bool, bool]:
+        """Checks for a new NAME in PARENT; returns (upper parent fd, replace whiteout,
+        something below must stay hidden)."""
+        code = check_name(name)
+        if code:
+            raise _err(code)
+        self._need_upper()
+        res, entries, _ = self._resolve(parent, name)
+        if res.kind is not Kind.MISSING:
+            raise _err(errno.EEXIST)
+        pfd = self._upper_dir(parent)
+        assert self.upper is not None
+        ue = self.upper.entry(parent.path(), name)
+        replace = ue.kind is Kind.WHITEOUT
+        below = lower_exists(entries) if not ue.hides_below else False
+        return pfd, replace, below
+
+    def _place(self, pfd: int, name: bytes, tmp: bytes, is_dir: bool, replace: bool) -> None:
+        """Rename a finished object from the work dir to PFD/NAME (over a whiteout)."""
+        if not replace:
+            sl.renameat2(self.work_fd, tmp, pfd, name, sl.RENAME_NOREPLACE)
+        elif is_dir:
+            sl.renameat2(self.work_fd, tmp, pfd, name, sl.RENAME_EXCHANGE)
+            self._purge(self.work_fd, tmp)
+        else:
+            sl.renameat2(self.work_fd, tmp, pfd, name)
+
+    def _new_node(self, parent: Node, name: bytes, pfd: int) -> tuple[Node, os.stat_result]:
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        assert self.upper is not None
+        res = Resolution(Kind.DIR if stat.S_ISDIR(st.st_mode) else Kind.OTHER, (0,))
+        node, st = self._node_for(parent, name, res, {0: join(parent.path(), name)})
+        node.nlookup += 1
+        self._changed(parent)
+        return node, st
+
+    def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int,
+              caller: Caller = ROOT_CALLER) -> tuple[Node, os.stat_result]:
+        parent = self.node(parent_ino)
+        pfd, replace, _ = self._prepare_create(parent, name)
+        try:
+            pst = os.fstat(pfd)
+            uid, gid, mode = self._owner(pst, caller, mode & ~caller.umask)
+            tmp = self._tmpname()
+            os.mknod(tmp, mode, rdev, dir_fd=self.work_fd)
+            try:
+                if self.privileged:
+                    os.chown(tmp, uid, gid, dir_fd=self.work_fd, follow_symlinks=False)
+                self._place(pfd, name, tmp, False, replace)
+            except BaseException:
+                self._purge(self.work_fd, tmp)
+                raise
+            return self._new_node(parent, name, pfd)
+        finally:
+            os.close(pfd)
+
+    def mkdir(self, parent_ino: int, name: bytes, mode: int,
+              caller: Caller = ROOT_CALLER) -> tuple[Node, os.stat_result]:
+        parent = self.node(parent_ino)
+        pfd, replace, below = self._prepare_create(parent, name)
+        try:
+            pst = os.fstat(pfd)
+            uid, gid, mode = self._owner(pst, caller, stat.S_IFDIR | (mode & ~caller.umask))
+            tmp = self._tmpname()
+            os.mkdir(tmp, 0o700, dir_fd=self.work_fd)
+            try:
+                fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=self.work_fd)
+                try:
+                    if below:
+                        self._set_opaque(sl.fd_path(fd))
+                    if self.privileged:
+                        os.fchown(fd, uid, gid)
+                    os.fchmod(fd, stat.S_IMODE(mode))
+                finally:
+                    os.close(fd)
+                self._place(pfd, name, tmp, True, replace)
+            except BaseException:
+                self._purge(self.work_fd, tmp)
+                raise
+            return self._new_node(parent, name, pfd)
+        finally:
+            os.close(pfd)
+
+    def symlink(self, parent_ino: int, name: bytes, target: bytes,
+                caller: Caller = ROOT_CALLER) -> tuple[Node, os.stat_result]:
+        parent = self.node(parent_ino)
+        pfd, replace, _ = self._prepare_create(parent, name)
+        try:
+            pst = os.fstat(pfd)
+            uid, gid, _ = self._owner(pst, caller, stat.S_IFLNK)
+            tmp = self._tmpname()
+            os.symlink(target, tmp, dir_fd=self.work_fd)
+            try:
+                if self.privileged:
+                    os.chown(tmp, uid, gid, dir_fd=self.work_fd, follow_symlinks=False)
+                self._place(pfd, name, tmp, False, replace)
+            except BaseException:
+                self._purge(self.work_fd, tmp)
+                raise
+            return self._new_node(parent, name, pfd)
+        finally:
+            os.close(pfd)
+
+    def create(self, parent_ino: int, name: bytes, mode: int, flags: int,
+               caller: Caller = ROOT_CALLER) -> tuple[int, Node, os.stat_result]:
+        parent = self.node(parent_ino)
+        pfd, replace, _ = self._prepare_create(parent, name)
+        try:
+            pst = os.fstat(pfd)
+            uid, gid, mode = self._owner(pst, caller, mode & ~caller.umask)
+            oflags = self._open_flags(flags)
+            if replace:
+                tmp = self._tmpname()
+                fd = os.open(tmp, oflags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode),
+                             dir_fd=self.work_fd)
+                try:
+                    if self.privileged:
+                        os.fchown(fd, uid, gid)
+                    self._place(pfd, name, tmp, False, True)
+                except BaseException:
+                    os.close(fd)
+                    self._purge(self.work_fd, tmp)
+                    raise
+            else:
+                fd = os.open(name, oflags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode),
+                             dir_fd=pfd)
+                if self.privileged:
+                    try:
+                        os.fchown(fd, uid, gid)
+                    except BaseException:
+                        os.close(fd)
+                        os.unlink(name, dir_fd=pfd)
+                        raise
+            node, st = self._new_node(parent, name, pfd)
+            return self._add_handle(fd, node, flags), node, st
+        finally:
+            os.close(pfd)
+
+    def link(self, ino: int, new_parent_ino: int, new_name: bytes
+             ) -> tuple[Node, os.stat_result]:
+        node = self.node(ino)
+        if node.is_dir:
+            raise _err(errno.EPERM)
+        parent = self.node(new_parent_ino)
+        pfd, replace, _ = self._prepare_create(parent, new_name)
+        try:
+            self.copy_up(node)
+            assert node.parent is not None and self.upper is not None
+            spfd = self.upper.open_dir(node.parent.path())
+            try:
+                if replace:
+                    tmp = self._tmpname()
+                    os.link(node.name, tmp, src_dir_fd=spfd, dst_dir_fd=self.work_fd,
+                            follow_symlinks=False)
+                    self._place(pfd, new_name, tmp, False, True)
+                else:
+                    os.link(node.name, new_name, src_dir_fd=spfd, dst_dir_fd=pfd,
+                            follow_symlinks=False)
+            finally:
+                os.close(spfd)
+            st = os.stat(new_name, dir_fd=pfd, follow_symlinks=False)
+            node.add_name(parent, new_name)
+            node.nlookup += 1
+            self._changed(parent)
+            return node, st
+        finally:
+            os.close(pfd)
+
+    # --- removing ----------------------------------------------------------------------
+    def _remove(self, parent_ino: int, name: bytes, want_dir: bool) -> None:
+        parent = self.node(parent_ino)
+        self._need_upper()
+        res, entries, paths = self._resolve(parent, name)
+        if res.kind is Kind.MISSING:
+            raise _err(errno.ENOENT)
+        is_dir = res.kind is Kind.DIR
+        if want_dir and not is_dir:
+            raise _err(errno.ENOTDIR)
+        if not want_dir and is_dir:
+            raise _err(errno.EISDIR)
+        node, _st = self._node_for(parent, name, res, paths, register=False)
+        if is_dir and self.merged(node):
+            raise _err(errno.ENOTEMPTY)
+        in_upper = res.branches[0] == 0 and self.upper is not None
+        below = lower_exists(entries)
+        pfd = self._upper_dir(parent)
+        try:
+            if below:
+                self._make_whiteout(pfd, name, ("dir" if is_dir else "file") if in_upper
+                                    else None)
+            elif in_upper:
+                self._remove_upper(pfd, name, is_dir)
+        finally:
+            os.close(pfd)
+        self._changed(parent)
+        self._after_unlink(node, parent, name)
+
+    def _after_unlink(self, node: Node, parent: Node, name: bytes) -> None:
+        if node.is_dir or not node.drop_name(parent, name):
+            node.unlinked = True
+
+    def unlink(self, parent_ino: int, name: bytes) -> None:
+        self._remove(parent_ino, name, want_dir=False)
+
+    def rmdir(self, parent_ino: int, name: bytes) -> None:
+        self._remove(parent_ino, name, want_dir=True)
+
+    # --- rename ------------------------------------------------------------------------
+    def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
+               new_name: bytes, flags: int) -> None:
+        code = check_name(new_name)
+        if code:
+            raise _err(code)
+        self._need_upper()
+        op = self.node(old_parent_ino)
+        np = self.node(new_parent_ino)
+        sres, sentries, spaths = self._resolve(op, old_name)
+        if sres.kind is Kind.MISSING:
+            raise _err(errno.ENOENT)
+        dres, dentries, dpaths = self._resolve(np, new_name)
+        exists = dres.kind is not Kind.MISSING
+        if flags & sl.RENAME_NOREPLACE and exists:
+            raise _err(errno.EEXIST)
+        if flags & sl.RENAME_EXCHANGE and not exists:
+            raise _err(errno.ENOENT)
+        snode, _ = self._node_for(op, old_name, sres, spaths, register=False)
+        dnode = (self._node_for(np, new_name, dres, dpaths, register=False)[0] if exists
+                 else None)
+        if op is np and old_name == new_name:
+            return
+        if dnode is snode:
+            return
+        if flags & sl.RENAME_EXCHANGE:
+            assert dnode is not None
+            self._exchange(op, old_name, snode, np, new_name, dnode)
+            return
+        s_dir = sres.kind is Kind.DIR
+        if dnode is not None:
+            if s_dir and not dnode.is_dir:
+                raise _err(errno.ENOTDIR)
+            if not s_dir and dnode.is_dir:
+                raise _err(errno.EISDIR)
+            if dnode.is_dir and self.merged(dnode):
+                raise _err(errno.ENOTEMPTY)
+        if s_dir and snode.lowers:
+            raise _err(errno.EXDEV)
+        self.copy_up(snode)
+        src_below = lower_exists(sentries)
+        assert self.upper is not None
+        spfd = self._upper_dir(op)
+        try:
+            dpfd = self._upper_dir(np)
+            try:
+                due = self.upper.entry(np.path(), new_name)
+                dst_below = lower_exists(dentries) if not due.hides_below else False
+                if s_dir and dst_below:
+                    # the moved directory must hide what lies below its new name
+                    fd = os.open(old_name, O_PATH_NOFOLLOW, dir_fd=spfd)
+                    try:
+                        self._set_opaque(sl.fd_path(fd))
+                    finally:
+                        os.close(fd)
+                if due.kind is Kind.WHITEOUT and s_dir:
+                    # a directory cannot replace a non-directory: swap, then drop the whiteout
+                    sl.renameat2(spfd, old_name, dpfd, new_name, sl.RENAME_EXCHANGE)
+                    if src_below:
+                        src_below = False
+                    else:
+                        os.unlink(old_name, dir_fd=spfd)
+                elif due.kind is Kind.DIR:
+                    # an empty-looking upper directory (only whiteouts inside) is replaced
+                    tmp = self._tmpname()
+                    sl.renameat2(dpfd, new_name, self.work_fd, tmp)
+                    try:
+                        sl.renameat2(spfd, old_name, dpfd, new_name)
+                    except BaseException:
+                        sl.renameat2(self.work_fd, tmp, dpfd, new_name)
+                        raise
+                    self._purge(self.work_fd, tmp)
+                elif src_below and self.chardev_whiteouts:
+                    sl.renameat2(spfd, old_name, dpfd, new_name, sl.RENAME_WHITEOUT)
+                    src_below = False
+                else:
+                    sl.renameat2(spfd, old_name, dpfd, new_name)
+                if src_below:
+                    self._make_whiteout(spfd, old_name, None)
+                if not s_dir and due.hides_below:
+                    pass  # a .wh. file beside the new name keeps hiding below: correct
+            finally:
+                os.close(dpfd)
+        finally:
+            os.close(spfd)
+        if dnode is not None:
+            self._after_unlink(dnode, np, new_name)
+        snode.move_name(op, old_name, np, new_name)
+        self._changed(op, np)
+
+    def _exchange(self, op: Node, on: bytes, a: Node, np: Node, nn: bytes, b: Node) -> None:
+        if (a.is_dir and a.lowers) or (b.is_dir and b.lowers):
+            raise _err(errno.EXDEV)
+        self.copy_up(a)
+        self.copy_up(b)
+        apfd = self._upper_dir(op)
+        try:
+            bpfd = self._upper_dir(np)
+            try:
+                sl.renameat2(apfd, on, bpfd, nn, sl.RENAME_EXCHANGE)
+            finally:
+                os.close(bpfd)
+        finally:
+            os.close(apfd)
+        a.move_name(op, on, np, nn)
+        b.move_name(np, nn, op, on)
+        self._changed(op, np)
+
+    # --- setattr -----------------------------------------------------------------------
+    def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None,
+                atime_ns: int | None = None, mtime_ns: int | None = None,
+                fh: int | None = None) -> tuple[Node, os.stat_result]:
+        node = self.node(ino)
+        if (mode is None and uid is None and gid is None and size is None and atime_ns is None
+                and mtime_ns is None):
+            return node, self._stat(node)  # e.g. a ctime-only update from the kernel
+        handle = self.handles.get(fh) if fh is not None else None
+        if handle is None and node.unlinked and node.handles:
+            handle = self.handles[next(iter(node.handles))]
+        if node.unlinked:
+            if handle is None:
+                raise _err(errno.ENOENT)
+            # the object has no name any more: work on the open fd only
+            fd = handle.fd
+            if size is not None:
+                os.ftruncate(fd, size)
+            if mode is not None:
+                os.fchmod(fd, stat.S_IMODE(mode))
+            if uid is not None or gid is not None:
+                os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+            if atime_ns is not None or mtime_ns is not None:
+                st = os.fstat(fd)
+                os.utime(fd, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
+                                 st.st_mtime_ns if mtime_ns is None else mtime_ns))
+            return node, os.fstat(fd)
+        self.copy_up(node)
+        branch, rel = self.where(node)
+        pparent, name = split(rel)
+        pfd = branch.open_dir(pparent)
+        try:
+            if size is not None:
+                if handle is not None and handle.writable and handle.gen == node.gen:
+                    os.ftruncate(handle.fd, size)
+                else:
+                    fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                    try:
+                        os.ftruncate(fd, size)
+                    finally:
+                        os.close(fd)
+            if uid is not None or gid is not None:
+                os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid,
+                         dir_fd=pfd, follow_symlinks=False)
+            if mode is not None:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    raise _err(errno.EOPNOTSUPP)
+                os.chmod(name, stat.S_IMODE(mode), dir_fd=pfd)
+            if atime_ns is not None or mtime_ns is not None:
+                if atime_ns is None or mtime_ns is None:
+                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                    atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+                    mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+                os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
+            if not rel:
+                return node, os.fstat(branch.fd)
+            return node, os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        finally:
+            os.close(pfd)
+
+    # --- files -------------------------------------------------------------------------
+    def _open_flags(self, flags: int) -> int:
+        f = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT)
+        if self.config.writeback:
+            # the kernel caches writes and may read back through a write-only open;
+            # it also handles O_APPEND itself
+            if f & os.O_ACCMODE == os.O_WRONLY:
+                f = (f & ~os.O_ACCMODE) | os.O_RDWR
+            f &= ~os.O_APPEND
+        return f | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def _add_handle(self, fd: int, node: Node, flags: int) -> int:
+        fh = next(self._fh)
+        acc = flags & os.O_ACCMODE
+        self.handles[fh] = Handle(fd, node, flags, node.gen, acc != os.O_RDONLY)
+        if node.handles is None:
+            node.handles = set()
+        node.handles.add(fh)
+        return fh
+
+    def _open_fd(self, node: Node, flags: int) -> int:
+        branch, rel = self.where(node)
+        parent, name = split(rel)
+        pfd = branch.open_dir(parent)
+        try:
+            return os.open(name, self._open_flags(flags), dir_fd=pfd)
+        finally:
+            os.close(pfd)
+
+    def open(self, ino: int, flags: int) -> int:
+        node = self.node(ino)
+        if node.is_dir:
+            raise _err(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            self.copy_up(node)
+        return self._add_handle(self._open_fd(node, flags), node, flags)
+
+    def _handle(self, fh: int) -> Handle:
+        try:
+            h = self.handles[fh]
+        except KeyError:
+            raise _err(errno.EBADF) from None
+        if h.gen != h.node.gen and not h.node.unlinked:
+            # the object was copied up after this open: follow it
+            fd = self._open_fd(h.node, h.flags & ~os.O_TRUNC)
+            os.close(h.fd)
+            h.fd, h.gen = fd, h.node.gen
+        return h
+
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self._handle(fh).fd, size, off)
+
+    def write(self, fh: int, off: int, buf: bytes) -> int:
+        return os.pwrite(self._handle(fh).fd, buf, off)
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self._handle(fh).fd
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+
+    def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        os.close(h.fd)
+        node = h.node
+        if node.handles is not None:
+            node.handles.discard(fh)
+            if not node.handles:
+                node.handles = None
+                if node.nlookup <= 0 and node.ino != ROOT_INO:
+                    self.inodes.nodes.pop(node.ino, None)
+
+    # --- directories -------------------------------------------------------------------
+    def opendir(self, ino: int) -> list[MergedEntry]:
+        node = self.node(ino)
+        if not node.is_dir:
+            raise _err(errno.ENOTDIR)
+        return list(self.merged(node))
+
+    def fsyncdir(self, ino: int) -> None:
+        node = self.node(ino)
+        if not node.upper:
+            return
+        assert self.upper is not None
+        fd = self.upper.open_dir(node.path(), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # --- xattrs ------------------------------------------------------------------------
+    def _opath(self, node: Node) -> int:
+        branch, rel = self.where(node)
+        if not rel:
+            return sl.openat2(branch.fd, b".", os.O_PATH)
+        parent, name = split(rel)
+        pfd = branch.open_dir(parent)
+        try:
+            return os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)
+        finally:
+            os.close(pfd)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        if is_private_xattr(name):
+            raise _err(errno.ENODATA)
+        fd = self._opath(self.node(ino))
+        try:
+            return os.getxattr(sl.fd_path(fd), name)
+        finally:
+            os.close(fd)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        fd = self._opath(self.node(ino))
+        try:
+            names = os.listxattr(sl.fd_path(fd))
+        finally:
+            os.close(fd)
+        return [b for b in (n.encode() for n in names) if not is_private_xattr(b)]
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        if is_private_xattr(name):
+            raise _err(errno.EPERM)
+        node = self.node(ino)
+        self.copy_up(node)
+        fd = self._opath(node)
+        try:
+            os.setxattr(sl.fd_path(fd), name, value, flags)
+        finally:
+            os.close(fd)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        if is_private_xattr(name):
+            raise _err(errno.ENODATA)
+        node = self.node(ino)
+        # fail before copying up if there is nothing to remove
+        fd = self._opath(node)
+        try:
+            os.getxattr(sl.fd_path(fd), name)
+        finally:
+            os.close(fd)
+        self.copy_up(node)
+        fd = self._opath(node)
+        try:
+            os.removexattr(sl.fd_path(fd), name)
+        finally:
+            os.close(fd)
+
+    # --- file system ------------------------------------------------------------------
+    def statfs(self) -> os.statvfs_result:
+        top = self.upper if self.upper is not None else self.branches[0]
+        fd = sl.openat2(top.fd, b".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return os.fstatvfs(fd)
+        finally:
+            os.close(fd)
+
+
+def rmtree_work(path: str) -> None:
+    """Remove a work directory tree (for tools and tests)."""
+    shutil.rmtree(path, ignore_errors=True)
