@@ -60,6 +60,36 @@ class Branch:
         self.dev = st.st_dev
         self._listings: dict[bytes, Listing] = {}
         self._dirinfo: dict[bytes, tuple[bool, bytes | None]] = {}
+        self._links: dict[int, list[bytes]] | None = None
+
+    def hardlinks(self, ino: int) -> list[bytes]:
+        """Every path of this (read-only) branch whose regular file has inode INO.
+
+        The first call walks the branch once and indexes the files with more than one link.
+        """
+        if self._links is None:
+            index: dict[int, list[bytes]] = {}
+            self._walk_links(b"", index)
+            self._links = index
+        return self._links.get(ino, [])
+
+    def _walk_links(self, rel: bytes, index: dict[int, list[bytes]]) -> None:
+        try:
+            fd = self.open_dir(rel, O_DIR_READ)
+        except OSError:
+            return
+        try:
+            with os.scandir(fd) as it:
+                for de in it:
+                    name = os.fsencode(de.name)
+                    if de.is_dir(follow_symlinks=False):
+                        self._walk_links(join(rel, name), index)
+                    elif de.is_file(follow_symlinks=False):
+                        st = de.stat(follow_symlinks=False)
+                        if st.st_nlink > 1:
+                            index.setdefault(st.st_ino, []).append(join(rel, name))
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -89,9 +119,9 @@ class Branch:
         if not self.writable:
             e = self.listing(parent).entry(name)
             if e.kind is Kind.DIR:
-                opaque, _ = self.dir_info(join(parent, name))
-                if opaque:
-                    return BranchEntry(Kind.DIR, True, e.hides_below)
+                opaque, redirect = self.dir_info(join(parent, name))
+                if opaque or redirect is not None:
+                    return BranchEntry(Kind.DIR, opaque, e.hides_below, redirect)
             return e
         try:
             pfd = self.open_dir(parent)
@@ -112,9 +142,9 @@ class Branch:
             return BranchEntry(Kind.MISSING, hides_below=True) if hides else MISSING
         mode = st.st_mode
         if stat.S_ISDIR(mode):
-            opaque, _ = self.dir_info(join(parent, name))
-            if opaque or hides:
-                return BranchEntry(Kind.DIR, opaque, hides)
+            opaque, redirect = self.dir_info(join(parent, name))
+            if opaque or hides or redirect is not None:
+                return BranchEntry(Kind.DIR, opaque, hides, redirect)
             return _DIR
         if is_chardev_whiteout(mode, st.st_rdev):
             return WHITEOUT

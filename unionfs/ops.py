@@ -220,8 +220,11 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     @_translating
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        entries = self._dirs[fh]
         parent = self._dir_nodes[fh]
+        if start_id == 0:
+            # a (re)start of the listing: show the directory as it is now (rewinddir)
+            self._dirs[fh] = self.union.opendir(parent)
+        entries = self._dirs[fh]
         # offsets: 0 ".", 1 "..", 2 + i the i-th merged entry. The kernel counts no lookup
         # for "." and "..".
         if start_id < 2:

@@ -33,6 +33,7 @@ from .config import Config
 from .core.formats import (
     FUSEOVL_OPAQUE,
     NAME_MAX,
+    REDIRECT_XATTRS,
     TRUSTED_OPAQUE,
     USER_OPAQUE,
     check_name,
@@ -47,6 +48,7 @@ WORK_SUBDIR = "work"
 _ALLOWED_IN_WORKDIR = {"work", "index", "incompat", "unionfs"}
 
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_PLAIN_DIR = BranchEntry(Kind.DIR)
 
 
 def _err(code: int) -> OSError:
@@ -200,9 +202,40 @@ class Union:
         entries: list[tuple[int, BranchEntry]] = []
         paths: dict[int, bytes] = {}
         for branch, rel in self.layers(parent):
-            entries.append((branch.index, branch.entry(rel, name)))
+            e = branch.entry(rel, name)
+            entries.append((branch.index, e))
             paths[branch.index] = join(rel, name)
+            if e.kind is Kind.DIR and e.redirect is not None and not e.opaque:
+                # a moved directory: the branches below hold its content elsewhere
+                target = self._redirect_path(parent, branch.index, e.redirect)
+                for b, r in self._lower_layers_at(target, branch.index):
+                    entries.append((b, _PLAIN_DIR))
+                    paths[b] = r
+                break
         return resolve(entries), entries, paths
+
+    def _redirect_path(self, parent: Node, branch: int, redirect: bytes) -> bytes:
+        value = redirect.rstrip(b"\0")
+        if value.startswith(b"/"):
+            return value.strip(b"/")
+        # relative: a sibling in the parent's own lower directory
+        below = [rel for b, rel in parent.lowers if b > branch]
+        base = below[0] if below else parent.path()
+        return join(base, value)
+
+    def _lower_layers_at(self, path: bytes, above: int) -> list[tuple[int, bytes]]:
+        """The merged directory at PATH in the branches below branch ABOVE, as layers."""
+        layers = [(b.index, b"") for b in self.branches[above + 1:]]
+        if not path:
+            return layers
+        for comp in path.split(b"/"):
+            entries = [(b, self.branches[b].entry(rel, comp)) for b, rel in layers]
+            res = resolve(entries)
+            if res.kind is not Kind.DIR:
+                return []
+            rels = dict(layers)
+            layers = [(b, join(rels[b], comp)) for b in res.branches]
+        return layers
 
     def _node_for(self, parent: Node, name: bytes, res: Resolution, paths: dict[int, bytes],
                   register: bool = True) -> tuple[Node, os.stat_result]:
@@ -426,6 +459,47 @@ class Union:
             node.lowers = ()
             node.gen += 1
         self._changed(parent)
+        if not node.is_dir and st.st_nlink > 1 and not src.writable:
+            self._copy_up_links(node, src, st)
+
+    def _copy_up_links(self, node: Node, src: Branch, st: os.stat_result) -> None:
+        """Hard links survive copy-up: every other visible name of the lower inode becomes a
+        link to the new upper object."""
+        assert node.parent is not None and self.upper is not None
+        for other in src.hardlinks(st.st_ino):
+            found = self._walk(other)
+            if found is None:
+                continue
+            parent, name, res, paths = found
+            if parent is node.parent and name == node.name:
+                continue  # the name the copy was placed at
+            if res.kind is not Kind.OTHER or res.branches[0] != src.index or \
+                    paths[src.index] != other:
+                continue
+            self.copy_up(parent)
+            spfd = self.upper.open_dir(node.parent.path())
+            dpfd = self.upper.open_dir(parent.path())
+            try:
+                os.link(node.name, name, src_dir_fd=spfd, dst_dir_fd=dpfd,
+                        follow_symlinks=False)
+            finally:
+                os.close(spfd)
+                os.close(dpfd)
+            node.add_name(parent, name)
+            self._changed(parent)
+
+    def _walk(self, rel: bytes
+              ) -> tuple[Node, bytes, Resolution, dict[int, bytes]] | None:
+        """Resolve a union path from the root without telling the kernel about it."""
+        parts = rel.split(b"/")
+        node = self.root
+        for comp in parts[:-1]:
+            res, _, paths = self._resolve(node, comp)
+            if res.kind is not Kind.DIR:
+                return None
+            node, _st = self._node_for(node, comp, res, paths, register=False)
+        res, _, paths = self._resolve(node, parts[-1])
+        return node, parts[-1], res, paths
 
     # --- creating ----------------------------------------------------------------------
     def _prepare_create(self, parent: Node, name: bytes) -> tuple[int, bool, bool]:
@@ -467,6 +541,8 @@ class Union:
     def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int,
               caller: Caller = ROOT_CALLER) -> tuple[Node, os.stat_result]:
         parent = self.node(parent_ino)
+        if stat.S_ISCHR(mode) and rdev == 0:
+            raise _err(errno.EPERM)  # a 0/0 device is a whiteout: it could never be shown
         pfd, replace, _ = self._prepare_create(parent, name)
         try:
             pst = os.fstat(pfd)
@@ -673,9 +749,10 @@ class Union:
                 raise _err(errno.EISDIR)
             if dnode.is_dir and self.merged(dnode):
                 raise _err(errno.ENOTEMPTY)
-        if s_dir and snode.lowers:
-            raise _err(errno.EXDEV)
         self.copy_up(snode)
+        redirected = s_dir and bool(snode.lowers)
+        if redirected:
+            self._set_redirect(op, old_name, snode)
         src_below = lower_exists(sentries)
         assert self.upper is not None
         spfd = self._upper_dir(op)
@@ -684,7 +761,7 @@ class Union:
             try:
                 due = self.upper.entry(np.path(), new_name)
                 dst_below = lower_exists(dentries) if not due.hides_below else False
-                if s_dir and dst_below:
+                if s_dir and dst_below and not redirected:
                     # the moved directory must hide what lies below its new name
                     fd = os.open(old_name, O_PATH_NOFOLLOW, dir_fd=spfd)
                     try:
@@ -726,11 +803,29 @@ class Union:
         snode.move_name(op, old_name, np, new_name)
         self._changed(op, np)
 
+    def _set_redirect(self, parent: Node, name: bytes, node: Node) -> None:
+        """Mark the upper copy of a moved directory with where its lower content lives
+        (overlayfs' redirect_dir format: an absolute path from the branch roots)."""
+        assert self.upper is not None
+        origin = b"/" + node.lowers[0][1]
+        pfd = self.upper.open_dir(parent.path())
+        try:
+            fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)
+        finally:
+            os.close(pfd)
+        try:
+            key = REDIRECT_XATTRS[0] if self.trusted_xattrs else REDIRECT_XATTRS[1]
+            os.setxattr(sl.fd_path(fd), key, origin)
+        finally:
+            os.close(fd)
+
     def _exchange(self, op: Node, on: bytes, a: Node, np: Node, nn: bytes, b: Node) -> None:
-        if (a.is_dir and a.lowers) or (b.is_dir and b.lowers):
-            raise _err(errno.EXDEV)
         self.copy_up(a)
         self.copy_up(b)
+        if a.is_dir and a.lowers:
+            self._set_redirect(op, on, a)
+        if b.is_dir and b.lowers:
+            self._set_redirect(np, nn, b)
         apfd = self._upper_dir(op)
         try:
             bpfd = self._upper_dir(np)

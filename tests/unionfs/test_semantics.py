@@ -347,3 +347,56 @@ def test_special_files(stack: Stack) -> None:
         os.symlink("/etc/passwd", m / "ln")
         assert os.readlink(m / "ln") == "/etc/passwd"
         assert os.lstat(m / "ln").st_size == len("/etc/passwd")
+
+
+def test_rename_lower_directory_moves_merged_content_without_copying_data(stack: Stack) -> None:
+    write(stack.lowers[1] / "src" / "deep" / "f", b"bottom")
+    write(stack.lowers[0] / "src" / "g", b"top")
+    write(stack.lowers[1] / "dst" / "stale", b"must stay hidden")
+    with stack.mount():
+        m = stack.mnt
+        os.unlink(m / "dst" / "stale")
+        os.rename(m / "src", m / "dst")
+        assert not (m / "src").exists()
+        assert sorted(os.listdir(m / "dst")) == ["deep", "g"]
+        assert (m / "dst" / "deep" / "f").read_bytes() == b"bottom"
+        os.rename(m / "dst", m / "moved")
+        assert sorted(os.listdir(m)) == ["moved"]
+    regular = [p for p in stack.upper.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert regular == [], f"file data was copied up: {regular}"
+    with stack.mount():  # the move persists across a remount
+        assert sorted(os.listdir(stack.mnt / "moved")) == ["deep", "g"]
+        assert (stack.mnt / "moved" / "g").read_bytes() == b"top"
+        assert not (stack.mnt / "src").exists()
+
+
+def test_upper_interoperates_with_kernel_overlayfs_both_ways(stack: Stack) -> None:
+    write(stack.lowers[1] / "keep", b"k")
+    write(stack.lowers[1] / "gone", b"g")
+    write(stack.lowers[1] / "d" / "old", b"o")
+    write(stack.lowers[1] / "mv" / "inner", b"i")
+    with stack.mount():
+        m = stack.mnt
+        os.unlink(m / "gone")
+        os.unlink(m / "d" / "old")
+        os.rmdir(m / "d")
+        os.mkdir(m / "d")
+        write(m / "d" / "new", b"n")
+        with open(m / "keep", "ab") as fh:
+            fh.write(b"+u")
+        os.rename(m / "mv", m / "moved")
+    with stack.mount("overlay", options=("redirect_dir=on",)):
+        m = stack.mnt
+        assert sorted(os.listdir(m)) == ["d", "keep", "moved"]
+        assert os.listdir(m / "d") == ["new"]
+        assert (m / "keep").read_bytes() == b"k+u"
+        assert (m / "moved" / "inner").read_bytes() == b"i"
+        # now kernel overlayfs writes, unionfs reads
+        os.unlink(m / "keep")
+        write(m / "by-kernel", b"kk")
+        os.unlink(m / "moved" / "inner")
+    with stack.mount():
+        m = stack.mnt
+        assert sorted(os.listdir(m)) == ["by-kernel", "d", "moved"]
+        assert (m / "by-kernel").read_bytes() == b"kk"
+        assert os.listdir(m / "moved") == []

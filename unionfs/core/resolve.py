@@ -33,11 +33,15 @@ class BranchEntry:
     ``hides_below``: the branch says the name is whited out in the branches below it (an OCI
     ``.wh.NAME`` file beside it); it may hold the name itself too.
     ``opaque``: for a directory, it hides the same directory in the branches below.
+    ``redirect``: for a directory moved by a rename, the path (absolute from the branch roots, or
+    a sibling name) where the branches below hold its content; the caller looks that up instead
+    of the name.
     """
 
     kind: Kind
     opaque: bool = False
     hides_below: bool = False
+    redirect: bytes | None = None  # a moved directory: where its lower layers are
 
 
 MISSING = BranchEntry(Kind.MISSING)
