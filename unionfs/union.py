@@ -502,9 +502,10 @@ class Union:
         return node, parts[-1], res, paths
 
     # --- creating ----------------------------------------------------------------------
-    def _prepare_create(self, parent: Node, name: bytes) -> tuple[int, bool, bool]:
-        """Checks for a new NAME in PARENT; returns (upper parent fd, replace whiteout,
-        something below must stay hidden)."""
+    def _prepare_create(self, parent: Node, name: bytes) -> tuple[int, bool, bool, bool]:
+        """Checks for a new NAME in PARENT; returns (upper parent fd, whether a whiteout is
+        replaced, whether a new directory there must be opaque, whether a `.wh.NAME` file beside
+        it must go once NAME exists: readers such as fuse-overlayfs take it to hide NAME too)."""
         code = check_name(name)
         if code:
             raise _err(code)
@@ -516,8 +517,10 @@ class Union:
         assert self.upper is not None
         ue = self.upper.entry(parent.path(), name)
         replace = ue.kind is Kind.WHITEOUT
-        below = lower_exists(entries) if not ue.hides_below else False
-        return pfd, replace, below
+        # a new directory must hide whatever an old whiteout hid (kernel overlayfs marks it
+        # opaque likewise, so every reader agrees)
+        below = replace or ue.hides_below or lower_exists(entries)
+        return pfd, replace, below, ue.hides_below
 
     def _place(self, pfd: int, name: bytes, tmp: bytes, is_dir: bool, replace: bool) -> None:
         """Rename a finished object from the work dir to PFD/NAME (over a whiteout)."""
@@ -529,7 +532,16 @@ class Union:
         else:
             sl.renameat2(self.work_fd, tmp, pfd, name)
 
-    def _new_node(self, parent: Node, name: bytes, pfd: int) -> tuple[Node, os.stat_result]:
+    def _drop_wh(self, pfd: int, name: bytes) -> None:
+        try:
+            os.unlink(wh_name(name), dir_fd=pfd)
+        except FileNotFoundError:
+            pass
+
+    def _new_node(self, parent: Node, name: bytes, pfd: int, drop_wh: bool = False
+                  ) -> tuple[Node, os.stat_result]:
+        if drop_wh:
+            self._drop_wh(pfd, name)
         st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         assert self.upper is not None
         res = Resolution(Kind.DIR if stat.S_ISDIR(st.st_mode) else Kind.OTHER, (0,))
@@ -543,7 +555,7 @@ class Union:
         parent = self.node(parent_ino)
         if stat.S_ISCHR(mode) and rdev == 0:
             raise _err(errno.EPERM)  # a 0/0 device is a whiteout: it could never be shown
-        pfd, replace, _ = self._prepare_create(parent, name)
+        pfd, replace, _, drop_wh = self._prepare_create(parent, name)
         try:
             pst = os.fstat(pfd)
             uid, gid, mode = self._owner(pst, caller, mode & ~caller.umask)
@@ -556,14 +568,14 @@ class Union:
             except BaseException:
                 self._purge(self.work_fd, tmp)
                 raise
-            return self._new_node(parent, name, pfd)
+            return self._new_node(parent, name, pfd, drop_wh)
         finally:
             os.close(pfd)
 
     def mkdir(self, parent_ino: int, name: bytes, mode: int,
               caller: Caller = ROOT_CALLER) -> tuple[Node, os.stat_result]:
         parent = self.node(parent_ino)
-        pfd, replace, below = self._prepare_create(parent, name)
+        pfd, replace, below, drop_wh = self._prepare_create(parent, name)
         try:
             pst = os.fstat(pfd)
             uid, gid, mode = self._owner(pst, caller, stat.S_IFDIR | (mode & ~caller.umask))
@@ -584,14 +596,14 @@ class Union:
             except BaseException:
                 self._purge(self.work_fd, tmp)
                 raise
-            return self._new_node(parent, name, pfd)
+            return self._new_node(parent, name, pfd, drop_wh)
         finally:
             os.close(pfd)
 
     def symlink(self, parent_ino: int, name: bytes, target: bytes,
                 caller: Caller = ROOT_CALLER) -> tuple[Node, os.stat_result]:
         parent = self.node(parent_ino)
-        pfd, replace, _ = self._prepare_create(parent, name)
+        pfd, replace, _, drop_wh = self._prepare_create(parent, name)
         try:
             pst = os.fstat(pfd)
             uid, gid, _ = self._owner(pst, caller, stat.S_IFLNK)
@@ -604,14 +616,14 @@ class Union:
             except BaseException:
                 self._purge(self.work_fd, tmp)
                 raise
-            return self._new_node(parent, name, pfd)
+            return self._new_node(parent, name, pfd, drop_wh)
         finally:
             os.close(pfd)
 
     def create(self, parent_ino: int, name: bytes, mode: int, flags: int,
                caller: Caller = ROOT_CALLER) -> tuple[int, Node, os.stat_result]:
         parent = self.node(parent_ino)
-        pfd, replace, _ = self._prepare_create(parent, name)
+        pfd, replace, _, drop_wh = self._prepare_create(parent, name)
         try:
             pst = os.fstat(pfd)
             uid, gid, mode = self._owner(pst, caller, mode & ~caller.umask)
@@ -638,7 +650,7 @@ class Union:
                         os.close(fd)
                         os.unlink(name, dir_fd=pfd)
                         raise
-            node, st = self._new_node(parent, name, pfd)
+            node, st = self._new_node(parent, name, pfd, drop_wh)
             return self._add_handle(fd, node, flags), node, st
         finally:
             os.close(pfd)
@@ -649,7 +661,7 @@ class Union:
         if node.is_dir:
             raise _err(errno.EPERM)
         parent = self.node(new_parent_ino)
-        pfd, replace, _ = self._prepare_create(parent, new_name)
+        pfd, replace, _, drop_wh = self._prepare_create(parent, new_name)
         try:
             self.copy_up(node)
             assert node.parent is not None and self.upper is not None
@@ -665,6 +677,8 @@ class Union:
                             follow_symlinks=False)
             finally:
                 os.close(spfd)
+            if drop_wh:
+                self._drop_wh(pfd, new_name)
             st = os.stat(new_name, dir_fd=pfd, follow_symlinks=False)
             node.add_name(parent, new_name)
             node.nlookup += 1
@@ -760,7 +774,7 @@ class Union:
             dpfd = self._upper_dir(np)
             try:
                 due = self.upper.entry(np.path(), new_name)
-                dst_below = lower_exists(dentries) if not due.hides_below else False
+                dst_below = due.hides_below or lower_exists(dentries)
                 if s_dir and dst_below and not redirected:
                     # the moved directory must hide what lies below its new name
                     fd = os.open(old_name, O_PATH_NOFOLLOW, dir_fd=spfd)
@@ -792,8 +806,8 @@ class Union:
                     sl.renameat2(spfd, old_name, dpfd, new_name)
                 if src_below:
                     self._make_whiteout(spfd, old_name, None)
-                if not s_dir and due.hides_below:
-                    pass  # a .wh. file beside the new name keeps hiding below: correct
+                if due.hides_below:
+                    self._drop_wh(dpfd, new_name)
             finally:
                 os.close(dpfd)
         finally:
