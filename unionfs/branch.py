@@ -32,6 +32,8 @@ from .core.resolve import MISSING, WHITEOUT, BranchEntry, Kind
 O_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
+CACHE_MAX = 1 << 18  # entries per read-only-branch cache before it starts over
+
 _DIR = BranchEntry(Kind.DIR)
 _DIR_OPAQUE = BranchEntry(Kind.DIR, opaque=True)
 _OTHER = BranchEntry(Kind.OTHER)
@@ -61,6 +63,10 @@ class Branch:
         self._listings: dict[bytes, Listing] = {}
         self._dirinfo: dict[bytes, tuple[bool, bytes | None]] = {}
         self._links: dict[int, list[bytes]] | None = None
+        self._stats: dict[bytes, os.stat_result] = {}
+        # the upper's lstat taken by the latest entry(), reused by the stat() that follows it in
+        # the same request (nothing runs in between: the server is single-threaded)
+        self._last: tuple[bytes, os.stat_result] | None = None
 
     def hardlinks(self, ino: int) -> list[bytes]:
         """Every path of this (read-only) branch whose regular file has inode INO.
@@ -105,6 +111,27 @@ class Branch:
 
     # --- reading entries -----------------------------------------------------------------
     def stat(self, rel: bytes) -> os.stat_result:
+        """lstat of REL (remembered for read-only branches)."""
+        if not self.writable:
+            st = self._stats.get(rel)
+            if st is None:
+                if len(self._stats) >= CACHE_MAX:
+                    self._stats.clear()
+                st = self._stats[rel] = self._stat(rel)
+            return st
+        return self._stat(rel)
+
+    def stat_after_entry(self, rel: bytes) -> os.stat_result:
+        """stat() of the object the latest entry() call just classified, without a syscall
+        when it was the upper's (call it only directly after that entry())."""
+        last = self._last
+        if last is not None:
+            self._last = None
+            if last[0] == rel:
+                return last[1]
+        return self.stat(rel)
+
+    def _stat(self, rel: bytes) -> os.stat_result:
         parent, name = split(rel)
         if not name:
             return os.fstat(self.fd)
@@ -139,7 +166,9 @@ class Branch:
         try:
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
+            self._last = None
             return BranchEntry(Kind.MISSING, hides_below=True) if hides else MISSING
+        self._last = (join(parent, name), st)
         mode = st.st_mode
         if stat.S_ISDIR(mode):
             opaque, redirect = self.dir_info(join(parent, name))
@@ -158,6 +187,8 @@ class Branch:
                 return info
         info = self._read_dir_info(rel)
         if not self.writable:
+            if len(self._dirinfo) >= CACHE_MAX:
+                self._dirinfo.clear()
             self._dirinfo[rel] = info
         return info
 
@@ -194,6 +225,8 @@ class Branch:
                 return cached
         lst = self._scan(rel)
         if not self.writable:
+            if len(self._listings) >= CACHE_MAX >> 4:
+                self._listings.clear()
             self._listings[rel] = lst
         return lst
 

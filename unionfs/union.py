@@ -238,9 +238,12 @@ class Union:
         return layers
 
     def _node_for(self, parent: Node, name: bytes, res: Resolution, paths: dict[int, bytes],
-                  register: bool = True) -> tuple[Node, os.stat_result]:
+                  register: bool = True, st: os.stat_result | None = None
+                  ) -> tuple[Node, os.stat_result]:
+        """The node for a resolved name (called right after `_resolve`, or with ST given)."""
         top = res.branches[0]
-        st = self.branches[top].stat(paths[top])
+        if st is None:
+            st = self.branches[top].stat_after_entry(paths[top])
         is_dir = res.kind is Kind.DIR
         upper = self.upper is not None and top == 0
         if is_dir:
@@ -545,7 +548,7 @@ class Union:
         st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         assert self.upper is not None
         res = Resolution(Kind.DIR if stat.S_ISDIR(st.st_mode) else Kind.OTHER, (0,))
-        node, st = self._node_for(parent, name, res, {0: join(parent.path(), name)})
+        node, st = self._node_for(parent, name, res, {0: join(parent.path(), name)}, st=st)
         node.nlookup += 1
         self._changed(parent)
         return node, st
