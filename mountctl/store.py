@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mountctl import layers
-from mountctl.image import normalize_tag, open_source, read_image
+from mountctl.image import compute_digest, normalize_tag, open_source, read_image
 from mountctl.image import short_name as _short
 
 ImportProgress = Callable[[int, int], None]
@@ -307,6 +307,45 @@ class Store:
             rec = replace(rec, names=tuple(dict.fromkeys([*rec.names, new])))
             self._save(rec)
             return rec
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """The store lock (not reentrant): held by mountctl's runner while it creates a
+        container record, so that `remove_image` never misses a new user of an image."""
+        return self._locked()
+
+    def add_image(self, config: dict[str, Any], layer: str | os.PathLike[str] | None = None,
+                  *, names: Sequence[str] = (), source: str = "") -> ImportResult:
+        """Store an image built here (`mountctl commit`): every layer its config lists must
+        already be in the store, except the last one when `layer` (a layer tar, any supported
+        compression, whose diff_id is the config's last diff_id) is given; it is extracted
+        like an imported layer. The image id is the digest of the config's canonical JSON."""
+        config_bytes = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+        image_id = compute_digest(config_bytes)
+        rootfs = config.get("rootfs")
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
+            raise StoreError("image config has no rootfs.diff_ids list")
+        if layer is not None and not diff_ids:
+            raise StoreError("image config lists no layer for the new layer tar")
+        with self._locked():
+            extracted: list[str] = []
+            reused: list[str] = []
+            if layer is not None:
+                with open(layer, "rb") as f:
+                    res = layers.extract_layer(f, self.root, diff_ids[-1])
+                (extracted if res.created else reused).append(diff_ids[-1])
+            missing = [d for d in diff_ids if not self.layer_path(d).is_dir()]
+            if missing:
+                raise StoreError(f"layers missing from the store: {', '.join(missing)}")
+            wanted = [normalize_tag(n) for n in names]
+            old = {r.id: r for r in self.images()}
+            prev = old.get(image_id)
+            merged = tuple(dict.fromkeys([*(prev.names if prev else ()), *wanted]))
+            self._take_names(wanted, image_id, old.values())
+            rec = ImageRecord(id=image_id, names=merged, layers=tuple(diff_ids), config=config,
+                              imported=prev.imported if prev else time.time(), source=source)
+            self._save(rec)
+        return ImportResult(rec, tuple(extracted), tuple(reused))
 
     def remove_image(self, ref: str) -> RemoveResult:
         """`rmi`: untag if `ref` is one of several names, else delete the image and collect its

@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check unionfs mountctl benchmarks tests
+.venv/bin/ruff check unionfs mountctl benchmarks tests scripts
 .venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

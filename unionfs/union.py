@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,7 +44,6 @@ from .core.resolve import BranchEntry, Kind, Resolution, lower_exists, resolve
 from .inodes import ROOT_INO, InodeTable, Node
 
 WORK_SUBDIR = "work"
-_ALLOWED_IN_WORKDIR = {"work", "index", "incompat", "unionfs"}
 
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _PLAIN_DIR = BranchEntry(Kind.DIR)
@@ -1076,8 +1074,3 @@ class Union:
             return os.fstatvfs(fd)
         finally:
             os.close(fd)
-
-
-def rmtree_work(path: str) -> None:
-    """Remove a work directory tree (for tools and tests)."""
-    shutil.rmtree(path, ignore_errors=True)

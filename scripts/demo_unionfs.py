@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.helpers.mounts import mounted  # noqa: E402
+from tests.helpers.mounts import mounted
 
 
 def show(title: str, cmd: list[str]) -> None:

@@ -1,0 +1,7 @@
+"""`python -m mountctl`: the command line (mountctl.cli)."""
+
+import sys
+
+from mountctl.cli import main
+
+sys.exit(main())
