@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr
-              fuse-overlayfs busybox-static uidmap podman util-linux kmod)
+              fuse-overlayfs busybox-static uidmap podman util-linux kmod strace)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -15,9 +15,11 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from typing import NamedTuple
 
 from . import sys_linux as sl
 from .core.formats import (
+    DEAD_XATTRS,
     OPAQUE_MARKER,
     OPAQUE_XATTRS,
     REDIRECT_XATTRS,
@@ -32,6 +34,13 @@ from .core.resolve import MISSING, WHITEOUT, BranchEntry, Kind
 O_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
+class DirInfo(NamedTuple):
+    opaque: bool
+    redirect: bytes | None
+    dead: bytes | None
+
+
+_NO_INFO = DirInfo(False, None, None)
 CACHE_MAX = 1 << 18  # entries per read-only-branch cache before it starts over
 
 _DIR = BranchEntry(Kind.DIR)
@@ -61,7 +70,7 @@ class Branch:
         st = os.fstat(self.fd)
         self.dev = st.st_dev
         self._listings: dict[bytes, Listing] = {}
-        self._dirinfo: dict[bytes, tuple[bool, bytes | None]] = {}
+        self._dirinfo: dict[bytes, DirInfo] = {}
         self._links: dict[int, list[bytes]] | None = None
         self._stats: dict[bytes, os.stat_result] = {}
         # the upper's lstat taken by the latest entry(), reused by the stat() that follows it in
@@ -146,7 +155,7 @@ class Branch:
         if not self.writable:
             e = self.listing(parent).entry(name)
             if e.kind is Kind.DIR:
-                opaque, redirect = self.dir_info(join(parent, name))
+                opaque, redirect, _ = self.dir_info(join(parent, name))
                 if opaque or redirect is not None:
                     return BranchEntry(Kind.DIR, opaque, e.hides_below, redirect)
             return e
@@ -171,7 +180,10 @@ class Branch:
         self._last = (join(parent, name), st)
         mode = st.st_mode
         if stat.S_ISDIR(mode):
-            opaque, redirect = self.dir_info(join(parent, name))
+            rel = join(parent, name)
+            opaque, redirect, dead = self.dir_info(rel)
+            if dead is not None and dead.strip(b"/") == rel:
+                return WHITEOUT
             if opaque or hides or redirect is not None:
                 return BranchEntry(Kind.DIR, opaque, hides, redirect)
             return _DIR
@@ -179,8 +191,9 @@ class Branch:
             return WHITEOUT
         return BranchEntry(Kind.OTHER, hides_below=True) if hides else _OTHER
 
-    def dir_info(self, rel: bytes) -> tuple[bool, bytes | None]:
-        """(opaque, redirect) of directory REL: opaque by xattr or a .wh..wh..opq entry."""
+    def dir_info(self, rel: bytes) -> DirInfo:
+        """(opaque, redirect, dead) of directory REL: opaque by xattr or a .wh..wh..opq entry;
+        the overlay.redirect value; the unionfs.dead value."""
         if not self.writable:
             info = self._dirinfo.get(rel)
             if info is not None:
@@ -192,25 +205,29 @@ class Branch:
             self._dirinfo[rel] = info
         return info
 
-    def _read_dir_info(self, rel: bytes) -> tuple[bool, bytes | None]:
+    def _read_dir_info(self, rel: bytes) -> DirInfo:
         try:
             fd = self.open_dir(rel)
         except OSError:
-            return False, None
+            return _NO_INFO
         try:
             opaque = _exists(fd, OPAQUE_MARKER)
-            redirect = None
+            redirect = dead = None
             try:
                 names = os.listxattr(sl.fd_path(fd))
             except OSError:
                 names = []
             for n in names:
-                bn = n.encode()
+                bn = os.fsencode(n)
                 if bn in OPAQUE_XATTRS and not opaque:
                     opaque = opaque_value(_getxattr(fd, bn)) == "y"
                 elif bn in REDIRECT_XATTRS:
                     redirect = _getxattr(fd, bn)
-            return opaque, redirect
+                elif bn in DEAD_XATTRS and self.writable:
+                    dead = _getxattr(fd, bn)
+            if not (opaque or redirect or dead):
+                return _NO_INFO
+            return DirInfo(opaque, redirect, dead)
         finally:
             os.close(fd)
 

@@ -83,7 +83,7 @@ def copy_xattrs(src_path: str, dst_path: str) -> None:
     except OSError:
         return
     for n in names:
-        bn = n.encode()
+        bn = os.fsencode(n)
         if is_private_xattr(bn):
             continue
         try:

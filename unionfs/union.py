@@ -30,6 +30,7 @@ from . import sys_linux as sl
 from .branch import O_DIR_PATH, Branch, join, split
 from .config import Config
 from .core.formats import (
+    DEAD_XATTRS,
     FUSEOVL_OPAQUE,
     NAME_MAX,
     REDIRECT_XATTRS,
@@ -144,7 +145,7 @@ class Union:
     def _make_root(self) -> Node:
         entries = []
         for b in self.branches:
-            opaque, _ = b.dir_info(b"")
+            opaque = b.dir_info(b"").opaque
             entries.append((b.index, BranchEntry(Kind.DIR, opaque=opaque)))
         res = resolve(entries)
         upper = self.upper is not None
@@ -444,10 +445,10 @@ class Union:
         upfd = upper.open_dir(parent.path())
         tmp = self._tmpname()
         try:
-            copyup.copy_object(spfd, sname, self.work_fd, tmp, st, self.privileged)
             try:
+                copyup.copy_object(spfd, sname, self.work_fd, tmp, st, self.privileged)
                 sl.renameat2(self.work_fd, tmp, upfd, node.name, sl.RENAME_NOREPLACE)
-            except OSError:
+            except BaseException:
                 self._purge(self.work_fd, tmp)
                 raise
             ust = os.stat(node.name, dir_fd=upfd, follow_symlinks=False)
@@ -791,15 +792,22 @@ class Union:
                     else:
                         os.unlink(old_name, dir_fd=spfd)
                 elif due.kind is Kind.DIR:
-                    # an empty-looking upper directory (only whiteouts inside) is replaced
-                    tmp = self._tmpname()
-                    sl.renameat2(dpfd, new_name, self.work_fd, tmp)
+                    # the upper directory at the new name holds only whiteouts (the merged view
+                    # is empty). Swap the two in one step, so a crash never uncovers what those
+                    # whiteouts hide; the old one, marked first as dead under the old name (it
+                    # reads as a whiteout there), is then disposed of.
+                    fd = os.open(new_name, O_PATH_NOFOLLOW, dir_fd=dpfd)
                     try:
-                        sl.renameat2(spfd, old_name, dpfd, new_name)
-                    except BaseException:
-                        sl.renameat2(self.work_fd, tmp, dpfd, new_name)
-                        raise
-                    self._purge(self.work_fd, tmp)
+                        os.setxattr(sl.fd_path(fd), DEAD_XATTRS[0] if self.trusted_xattrs
+                                    else DEAD_XATTRS[1], b"/" + join(op.path(), old_name))
+                    finally:
+                        os.close(fd)
+                    sl.renameat2(spfd, old_name, dpfd, new_name, sl.RENAME_EXCHANGE)
+                    if src_below:
+                        self._make_whiteout(spfd, old_name, "dir")
+                        src_below = False
+                    else:
+                        self._remove_upper(spfd, old_name, True)
                 elif src_below and self.chardev_whiteouts:
                     sl.renameat2(spfd, old_name, dpfd, new_name, sl.RENAME_WHITEOUT)
                     src_below = False
@@ -884,6 +892,8 @@ class Union:
             return node, os.fstat(fd)
         self.copy_up(node)
         branch, rel = self.where(node)
+        if not rel:
+            return node, self._setattr_root(branch, mode, uid, gid, atime_ns, mtime_ns)
         pparent, name = split(rel)
         pfd = branch.open_dir(pparent)
         try:
@@ -910,11 +920,24 @@ class Union:
                     atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
                     mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
                 os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
-            if not rel:
-                return node, os.fstat(branch.fd)
             return node, os.stat(name, dir_fd=pfd, follow_symlinks=False)
         finally:
             os.close(pfd)
+
+    def _setattr_root(self, branch: Branch, mode: int | None, uid: int | None,
+                      gid: int | None, atime_ns: int | None, mtime_ns: int | None
+                      ) -> os.stat_result:
+        """setattr of the mount's root: the branch root itself, reached through its fd."""
+        path = sl.fd_path(branch.fd)
+        if uid is not None or gid is not None:
+            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+        if mode is not None:
+            os.chmod(path, stat.S_IMODE(mode))
+        if atime_ns is not None or mtime_ns is not None:
+            st = os.fstat(branch.fd)
+            os.utime(path, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
+                               st.st_mtime_ns if mtime_ns is None else mtime_ns))
+        return os.fstat(branch.fd)
 
     # --- files -------------------------------------------------------------------------
     def _open_flags(self, flags: int) -> int:
@@ -949,6 +972,16 @@ class Union:
         node = self.node(ino)
         if node.is_dir:
             raise _err(errno.EISDIR)
+        if node.unlinked:
+            # reopened through /proc/PID/fd: no name leads to the object any more, but an
+            # open handle of it does
+            if not node.handles:
+                raise _err(errno.ENOENT)
+            old = self.handles[next(iter(node.handles))]
+            if flags & os.O_ACCMODE != os.O_RDONLY and not node.upper:
+                raise _err(errno.ENOENT)  # a lower object with no name cannot be copied up
+            fd = os.open(sl.fd_path(old.fd), self._open_flags(flags) & ~os.O_NOFOLLOW)
+            return self._add_handle(fd, node, flags)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             self.copy_up(node)
         return self._add_handle(self._open_fd(node, flags), node, flags)
@@ -1036,7 +1069,7 @@ class Union:
             names = os.listxattr(sl.fd_path(fd))
         finally:
             os.close(fd)
-        return [b for b in (n.encode() for n in names) if not is_private_xattr(b)]
+        return [b for b in map(os.fsencode, names) if not is_private_xattr(b)]
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         if is_private_xattr(name):

@@ -29,6 +29,10 @@ FUSEOVL_OPAQUE = b"user.fuseoverlayfs.opaque"
 OPAQUE_XATTRS = (TRUSTED_OPAQUE, USER_OPAQUE, FUSEOVL_OPAQUE)
 WHITEOUT_XATTRS = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
 REDIRECT_XATTRS = (b"trusted.overlay.redirect", b"user.overlay.redirect")
+# unionfs' own marker for a directory that is logically deleted while it waits, under the name
+# given as its value (a path from the branch root), to be disposed of: it reads as a whiteout
+# there. It only ever exists between two steps of a rename, so a crash cannot uncover anything.
+DEAD_XATTRS = (b"trusted.unionfs.dead", b"user.unionfs.dead")
 
 # xattr namespaces that belong to the union implementation, never to the user's files.
 _PRIVATE_PREFIXES = (
@@ -36,6 +40,7 @@ _PRIVATE_PREFIXES = (
     b"user.overlay.",
     b"user.fuseoverlayfs.",
     b"user.unionfs.",
+    b"trusted.unionfs.",
 )
 
 

@@ -1,0 +1,1 @@
+"""Fault tests: crashes, load, hostile input (see each module's docstring)."""

@@ -1,0 +1,1 @@
+"""podman driving unionfs as its overlay mount_program."""

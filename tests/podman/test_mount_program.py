@@ -1,0 +1,245 @@
+"""podman 4 with unionfs as the overlay driver's mount_program (DESIGN.md section 5).
+
+Each test has a private containers-storage: a storage.conf under tmp_path (driver "overlay",
+graphroot and runroot beside it, `[storage.options.overlay] mount_program`), passed to podman with
+CONTAINERS_STORAGE_CONF; podman also gets a private --tmpdir and --network-config-dir, so nothing
+of the host's podman state is read or changed. (podman 4.3 ignores the conf's driver options when
+--root/--runroot are given on the command line, so the paths are set in the conf only.)
+
+The mount_program is a small wrapper written by the test: it records its arguments (one JSON
+line per call) and execs unionfs. By default that is this checkout's unionfs (`python -m unionfs`
+with the interpreter running the tests); UNIONFS_PODMAN_PROGRAM=/usr/local/bin/unionfs (or
+another path) makes the wrapper exec that program instead (/usr/local/bin/unionfs is whatever
+checkout last ran scripts/setup.sh, so it is not the default).
+
+The flow, without a container runtime (`podman run` fails on this machine for reasons of its own):
+import a busybox rootfs tar, create a container, `podman mount` it (a fuse.unionfs mount), write a
+file and delete a lower file through the mount, check `podman diff`, `podman umount`, `podman
+commit`, then create and mount a container of the committed image and see both changes. Run with
+podman's default mount options and with `mountopt = "nodev,metacopy=on"` (the form of many
+distributions' storage.conf). Teardown: podman umount/rm/rmi and `system reset` of the private
+storage, then anything still mounted below tmp_path is unmounted and any server started for it
+killed (by pid, found by its command line naming this test's directory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.mounts import fs_type, is_mounted, mount_points, unmount
+
+pytestmark = pytest.mark.podman
+
+BUSYBOX = Path("/bin/busybox")
+APPLETS = ("sh", "ls", "cat", "echo", "rm", "mkdir", "true")
+PODMAN_TIMEOUT = 180.0
+
+
+def build_rootfs_tar(dest: Path) -> Path:
+    """A busybox root file system as an uncompressed tar (uid 0, fixed mtimes)."""
+    members: list[tuple[tarfile.TarInfo, bytes | None]] = []
+
+    def add(name: str, kind: bytes, data: bytes = b"", mode: int = 0o644,
+            target: str = "") -> None:
+        ti = tarfile.TarInfo(name)
+        ti.type, ti.mode, ti.mtime = kind, mode, 1_700_000_000
+        if kind == tarfile.SYMTYPE:
+            ti.linkname = target
+        if kind == tarfile.REGTYPE:
+            ti.size = len(data)
+        members.append((ti, data if kind == tarfile.REGTYPE else None))
+
+    for d in ("bin", "etc", "tmp", "data", "data/sub"):
+        add(d, tarfile.DIRTYPE, mode=0o1777 if d == "tmp" else 0o755)
+    add("bin/busybox", tarfile.REGTYPE, BUSYBOX.read_bytes(), 0o755)
+    for a in APPLETS:
+        add(f"bin/{a}", tarfile.SYMTYPE, target="busybox")
+    add("etc/passwd", tarfile.REGTYPE, b"root:x:0:0:root:/root:/bin/sh\n")
+    add("data/keep.txt", tarfile.REGTYPE, b"kept\n")
+    add("data/remove-me.txt", tarfile.REGTYPE, b"to be removed\n")
+    add("data/sub/deep.txt", tarfile.REGTYPE, b"deep\n")
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tf:
+        for ti, data in members:
+            tf.addfile(ti, io.BytesIO(data) if data is not None else None)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def rootfs_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not BUSYBOX.is_file():
+        pytest.skip("needs /bin/busybox (Debian package busybox-static)")
+    return build_rootfs_tar(tmp_path_factory.mktemp("rootfs") / "busybox-rootfs.tar")
+
+
+WRAPPER = """#!{python}
+import json, os, sys
+with open({log!r}, "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+target = {target!r}
+os.execv(target[0], target + sys.argv[1:])
+"""
+
+
+@dataclass
+class Podman:
+    root: Path
+    env: dict[str, str]
+    argv_log: Path
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        podman = shutil.which("podman")
+        assert podman is not None
+        cmd = [podman, "--tmpdir", str(self.root / "libpod-tmp"), "--network-config-dir",
+               str(self.root / "networks"), "--events-backend", "none", "--cgroup-manager",
+               "cgroupfs", *args]
+        r = subprocess.run(cmd, env=self.env, capture_output=True, text=True,
+                           timeout=PODMAN_TIMEOUT, stdin=subprocess.DEVNULL)
+        if check and r.returncode != 0:
+            raise AssertionError(f"podman {' '.join(args)} exited {r.returncode}:\n{r.stderr}")
+        return r
+
+    def calls(self) -> list[list[str]]:
+        if not self.argv_log.exists():
+            return []
+        return [json.loads(x) for x in self.argv_log.read_text().splitlines() if x.strip()]
+
+    def mount_call(self, merged: Path) -> list[str]:
+        found = [c for c in self.calls() if c and c[-1] == str(merged)]
+        assert found, f"no mount_program call for {merged}: {self.calls()}"
+        return found[-1]
+
+
+def _servers_for(root: Path) -> list[int]:
+    """Pids of processes whose command line names ROOT (the unionfs servers podman started)."""
+    key = os.fsencode(str(root))
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if key in cmdline and b"unionfs" in cmdline:
+            pids.append(int(d))
+    return pids
+
+
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in alive if os.path.exists(f"/proc/{p}")
+                 and not open(f"/proc/{p}/stat").read().split(") ")[1].startswith("Z")]
+    return alive
+
+
+def _mounts_below(root: Path) -> list[str]:
+    prefix = str(root).rstrip("/") + "/"
+    return [mp for mp, _ in mount_points() if mp.startswith(prefix)]
+
+
+@pytest.fixture(params=["", "nodev,metacopy=on"], ids=["default-mountopt", "mountopt"])
+def podman(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Podman]:
+    if shutil.which("podman") is None:
+        pytest.skip("needs podman")
+    root = tmp_path / "containers"
+    root.mkdir()
+    argv_log = root / "mount_program.calls"
+    target = os.environ.get("UNIONFS_PODMAN_PROGRAM", "").strip()
+    target_cmd = [target] if target else [sys.executable, "-m", "unionfs"]
+    wrapper = root / "mount_program"
+    wrapper.write_text(WRAPPER.format(python=sys.executable, log=str(argv_log),
+                                      target=target_cmd))
+    wrapper.chmod(0o755)
+    mountopt = f'mountopt = "{request.param}"\n' if request.param else ""
+    conf = root / "storage.conf"
+    conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{root / "graph"}"\n'
+                    f'runroot = "{root / "run"}"\n\n[storage.options.overlay]\n'
+                    f'mount_program = "{wrapper}"\n{mountopt}')
+    env = dict(os.environ, CONTAINERS_STORAGE_CONF=str(conf))
+    pm = Podman(root, env, argv_log)
+    try:
+        info = pm.run("info", "--format", "{{json .Store.GraphOptions}}").stdout
+        assert str(wrapper) in info, f"podman did not take the mount_program: {info}"
+        yield pm
+    finally:
+        for args in (("umount", "--all", "--force"), ("rm", "--all", "--force"),
+                     ("rmi", "--all", "--force"), ("system", "reset", "--force")):
+            with contextlib.suppress(Exception):
+                pm.run(*args, check=False)
+        for mp in sorted(_mounts_below(tmp_path), key=len, reverse=True):
+            unmount(mp)
+        left = _wait_gone(_servers_for(root), 10)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _wait_gone(left, 10)
+        shutil.rmtree(root, ignore_errors=True)
+    assert not _mounts_below(tmp_path), f"mounts left: {_mounts_below(tmp_path)}"
+    assert not left, f"unionfs servers outlived their mounts: {left}"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_podman_create_mount_commit_with_unionfs(podman: Podman, rootfs_tar: Path) -> None:
+    pm = podman
+    pm.run("import", str(rootfs_tar), "localhost/unionfs-test:base")
+    cid = pm.run("create", "--network", "none", "localhost/unionfs-test:base",
+                 "/bin/sh").stdout.strip()
+    merged = Path(pm.run("mount", cid).stdout.strip())
+    assert fs_type(merged) == "fuse.unionfs", f"{merged} is a {fs_type(merged)} mount"
+    call = pm.mount_call(merged)
+    print("podman ran the mount program as:", call)
+    assert call[0] == "-o" and "lowerdir=" in call[1] and "upperdir=" in call[1], call
+    assert _sha(merged / "bin" / "busybox") == _sha(BUSYBOX)
+    assert os.readlink(merged / "bin" / "sh") == "busybox"
+    assert (merged / "data" / "keep.txt").read_text() == "kept\n"
+    servers = _servers_for(merged)
+    assert servers, "no unionfs server process for the mount"
+
+    (merged / "data" / "new.txt").write_text("new\n")
+    (merged / "data" / "remove-me.txt").unlink()
+    assert sorted(os.listdir(merged / "data")) == ["keep.txt", "new.txt", "sub"]
+    changes = pm.run("diff", cid).stdout.split("\n")
+    assert "A /data/new.txt" in changes and "D /data/remove-me.txt" in changes, changes
+
+    pm.run("umount", cid)
+    assert not is_mounted(merged)
+    assert _wait_gone(servers, 10) == [], "the server outlived podman umount"
+
+    pm.run("commit", cid, "localhost/unionfs-test:committed")
+    cid2 = pm.run("create", "--network", "none", "localhost/unionfs-test:committed",
+                  "/bin/sh").stdout.strip()
+    merged2 = Path(pm.run("mount", cid2).stdout.strip())
+    assert fs_type(merged2) == "fuse.unionfs"
+    lowers = pm.mount_call(merged2)[1].split("lowerdir=", 1)[1].split(",", 1)[0]
+    assert ":" in lowers, f"the committed image should have two layers: {lowers}"
+    assert (merged2 / "data" / "new.txt").read_text() == "new\n"
+    assert not (merged2 / "data" / "remove-me.txt").exists()
+    assert (merged2 / "data" / "keep.txt").read_text() == "kept\n"
+    assert (merged2 / "data" / "sub" / "deep.txt").read_text() == "deep\n"
+    assert _sha(merged2 / "bin" / "busybox") == _sha(BUSYBOX)
+    pm.run("umount", cid2)
+    assert not is_mounted(merged2)
+    pm.run("rm", cid, cid2)
+    pm.run("rmi", "localhost/unionfs-test:committed", "localhost/unionfs-test:base")
