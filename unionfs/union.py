@@ -196,22 +196,27 @@ class Union:
 
     def _resolve(self, parent: Node, name: bytes
                  ) -> tuple[Resolution, list[tuple[int, BranchEntry]], dict[int, bytes]]:
+        """Resolve NAME in PARENT: (resolution, what each branch holds under NAME itself,
+        path of NAME in each branch that contributes to the resolution)."""
         if not parent.is_dir:
             raise _err(errno.ENOTDIR)
         entries: list[tuple[int, BranchEntry]] = []
         paths: dict[int, bytes] = {}
+        redirected: list[tuple[int, BranchEntry]] | None = None
         for branch, rel in self.layers(parent):
             e = branch.entry(rel, name)
             entries.append((branch.index, e))
+            if redirected is not None:
+                continue  # what lies under this very name still counts for whiteouts
             paths[branch.index] = join(rel, name)
             if e.kind is Kind.DIR and e.redirect is not None and not e.opaque:
                 # a moved directory: the branches below hold its content elsewhere
                 target = self._redirect_path(parent, branch.index, e.redirect)
+                redirected = list(entries)
                 for b, r in self._lower_layers_at(target, branch.index):
-                    entries.append((b, _PLAIN_DIR))
+                    redirected.append((b, _PLAIN_DIR))
                     paths[b] = r
-                break
-        return resolve(entries), entries, paths
+        return resolve(redirected if redirected is not None else entries), entries, paths
 
     def _redirect_path(self, parent: Node, branch: int, redirect: bytes) -> bytes:
         value = redirect.rstrip(b"\0")
@@ -755,7 +760,7 @@ class Union:
             return
         if flags & sl.RENAME_EXCHANGE:
             assert dnode is not None
-            self._exchange(op, old_name, snode, np, new_name, dnode)
+            self._exchange(op, old_name, snode, sentries, np, new_name, dnode, dentries)
             return
         s_dir = sres.kind is Kind.DIR
         if dnode is not None:
@@ -842,18 +847,39 @@ class Union:
         finally:
             os.close(fd)
 
-    def _exchange(self, op: Node, on: bytes, a: Node, np: Node, nn: bytes, b: Node) -> None:
+    def _exchange(self, op: Node, on: bytes, a: Node, aentries: list[tuple[int, BranchEntry]],
+                  np: Node, nn: bytes, b: Node, bentries: list[tuple[int, BranchEntry]]
+                  ) -> None:
+        """RENAME_EXCHANGE: A (at OP/ON) and B (at NP/NN) swap names. A directory that lands
+        on a name with lower content must not merge with it: a moved directory with lower
+        content of its own carries a redirect to it, any other becomes opaque."""
+        assert self.upper is not None
         self.copy_up(a)
         self.copy_up(b)
-        if a.is_dir and a.lowers:
-            self._set_redirect(op, on, a)
-        if b.is_dir and b.lowers:
-            self._set_redirect(np, nn, b)
+        a_hides = self.upper.entry(op.path(), on).hides_below
+        b_hides = self.upper.entry(np.path(), nn).hides_below
+        for node, pnode, name, other_below in (
+                (a, op, on, b_hides or lower_exists(bentries)),
+                (b, np, nn, a_hides or lower_exists(aentries))):
+            if not node.is_dir:
+                continue
+            if node.lowers:
+                self._set_redirect(pnode, name, node)
+            elif other_below:
+                fd = self._opath(node)
+                try:
+                    self._set_opaque(sl.fd_path(fd))
+                finally:
+                    os.close(fd)
         apfd = self._upper_dir(op)
         try:
             bpfd = self._upper_dir(np)
             try:
                 sl.renameat2(apfd, on, bpfd, nn, sl.RENAME_EXCHANGE)
+                if a_hides:
+                    self._drop_wh(apfd, on)
+                if b_hides:
+                    self._drop_wh(bpfd, nn)
             finally:
                 os.close(bpfd)
         finally:
