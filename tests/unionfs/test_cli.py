@@ -83,6 +83,22 @@ def test_bad_input_is_one_clear_line(stack: Stack, case: str, tmp_path: Path) ->
         assert (stack.work / "precious").exists()
 
 
+def test_workdir_on_another_file_system_is_refused(stack: Stack, tmp_path: Path) -> None:
+    other = tmp_path / "tmpfs"
+    other.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(other)], check=True,
+                   timeout=30)
+    try:
+        lowers = ":".join(str(p) for p in stack.lowers)
+        r = run("-o", f"lowerdir={lowers},upperdir={stack.upper},workdir={other}",
+                str(stack.mnt))
+        assert r.returncode == 1
+        assert "same file system" in r.stderr and "Traceback" not in r.stderr
+        assert not is_mounted(stack.mnt)
+    finally:
+        unmount(other)
+
+
 def test_busy_mountpoint_is_refused(stack: Stack) -> None:
     write(stack.lowers[0] / "f", "1")
     with stack.mount():
