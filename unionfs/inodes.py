@@ -24,8 +24,8 @@ _LOW = (1 << _SHIFT) - 1
 
 
 class Node:
-    __slots__ = ("aliases", "gen", "handles", "ino", "is_dir", "lowers", "merged", "name",
-                 "nlookup", "parent", "unlinked", "upper")
+    __slots__ = ("aliases", "children", "gen", "handles", "ino", "is_dir", "lowers", "merged",
+                 "name", "nlookup", "parent", "unlinked", "upper")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, is_dir: bool, upper: bool,
                  lowers: tuple[tuple[int, bytes], ...]) -> None:
@@ -40,6 +40,8 @@ class Node:
         self.gen = 0  # bumped when the object moves to the upper branch (copy-up)
         self.handles: set[int] | None = None
         self.merged: object | None = None  # cached merged listing (directories)
+        # cached resolutions of names in this directory, dropped with `merged` on any change
+        self.children: dict[bytes, object] | None = None
         self.aliases: list[tuple[Node, bytes]] | None = None  # other names (hard links)
 
     def add_name(self, parent: Node, name: bytes) -> None:

@@ -286,12 +286,33 @@ class Union:
             node = parent.parent or parent
             st = self._stat(node)
         else:
-            res, _entries, paths = self._resolve(parent, name)
-            if res.kind is Kind.MISSING:
-                raise _err(errno.ENOENT)
-            node, st = self._node_for(parent, name, res, paths)
+            node, st = self._lookup_child(parent, name)
         node.nlookup += 1
         return node, st
+
+    def _lookup_child(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+        # Which branches hold a name changes only through operations on its directory, which
+        # drop the cache (`_changed`); attributes of upper objects are always read afresh.
+        children = parent.children
+        hit = children.get(name) if children is not None else None
+        if hit is not None:
+            res: Resolution
+            paths: dict[int, bytes]
+            res, paths = hit  # type: ignore[misc]
+            if 0 in paths and self.upper is not None:
+                # the directory may have moved since: the upper path follows it (lower paths
+                # are where the content comes from, which a move does not change)
+                paths = {**paths, 0: join(parent.path(), name)}
+            top = res.branches[0]
+            return self._node_for(parent, name, res, paths,
+                                  st=self.branches[top].stat(paths[top]))
+        res, _entries, paths = self._resolve(parent, name)
+        if res.kind is Kind.MISSING:
+            raise _err(errno.ENOENT)
+        if children is None:
+            children = parent.children = {}
+        children[name] = (res, paths)
+        return self._node_for(parent, name, res, paths)
 
     def forget(self, ino: int, count: int) -> None:
         self.inodes.forget(ino, count)
@@ -328,8 +349,10 @@ class Union:
         return out
 
     def _changed(self, *nodes: Node) -> None:
+        """Something in these directories changed: drop what was cached about their content."""
         for n in nodes:
             n.merged = None
+            n.children = None
 
     def readlink(self, ino: int) -> bytes:
         node = self.node(ino)
