@@ -7,6 +7,7 @@ session. SIGTERM, SIGINT and SIGHUP end the loop; the mount is always closed in 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -21,6 +22,9 @@ from .ops import UnionOperations
 from .union import Union
 
 log = logging.getLogger("unionfs")
+
+STATS_ENV = "UNIONFS_STATS_FILE"
+"""When set, requests are counted and SIGUSR1 writes them as JSON to this file (benchmarks/)."""
 
 GENERIC_FUSE_OPTIONS = frozenset({
     "ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
@@ -41,7 +45,16 @@ def fuse_options(config: Config) -> set[str]:
     return opts
 
 
-async def _serve() -> None:
+def dump_stats(ops: UnionOperations, path: str, seq: int) -> None:
+    """Write the request counters atomically: {"pid", "seq", "requests", "bugs", "cpu_s"}."""
+    data = {"pid": os.getpid(), "seq": seq, **ops.stats()}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+async def _serve(ops: UnionOperations, stats_path: str | None) -> None:
     async with trio.open_nursery() as nursery:
         async def watch_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -50,7 +63,19 @@ async def _serve() -> None:
                     pyfuse3.terminate()
                     return
 
+        async def dump_on_sigusr1(path: str) -> None:
+            seq = 0
+            with trio.open_signal_receiver(signal.SIGUSR1) as sigs:
+                async for _ in sigs:
+                    seq += 1
+                    try:
+                        dump_stats(ops, path, seq)
+                    except OSError as e:
+                        log.warning("cannot write stats to %s: %s", path, e)
+
         nursery.start_soon(watch_signals)
+        if stats_path:
+            nursery.start_soon(dump_on_sigusr1, stats_path)
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 
@@ -58,8 +83,9 @@ async def _serve() -> None:
 def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
     """Mount and serve until unmounted or signalled. Returns the number of handler bugs."""
     union = Union(config)
+    stats_path = os.environ.get(STATS_ENV) or None
     ops = UnionOperations(union, timeout=config.timeout, writeback=config.writeback,
-                          debug=config.debug)
+                          debug=config.debug, count_requests=stats_path is not None)
     try:
         pyfuse3.init(ops, config.mountpoint, fuse_options(config))
     except BaseException:
@@ -68,7 +94,7 @@ def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
     try:
         if ready is not None:
             ready()
-        trio.run(_serve)
+        trio.run(_serve, ops, stats_path)
     finally:
         try:
             pyfuse3.close(unmount=True)

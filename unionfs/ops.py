@@ -12,6 +12,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
@@ -77,6 +78,12 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         self._dirs: dict[int, list[MergedEntry]] = {}
         self._dir_nodes: dict[int, int] = {}
         self._next_dh = 1
+
+    def stats(self) -> dict[str, Any]:
+        """Request counts per handler (when counting), handler bugs, and CPU seconds so far."""
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return {"requests": dict(self.requests), "bugs": self.bugs,
+                "cpu_s": ru.ru_utime + ru.ru_stime}
 
     # --- translation helpers ---------------------------------------------------------
     def _attr(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
