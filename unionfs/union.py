@@ -348,11 +348,17 @@ class Union:
         node.merged = out
         return out
 
-    def _changed(self, *nodes: Node) -> None:
-        """Something in these directories changed: drop what was cached about their content."""
-        for n in nodes:
-            n.merged = None
-            n.children = None
+    def _changed(self, node: Node, *names: bytes) -> None:
+        """NAMES in directory NODE changed (all of it when none is given): drop what was cached
+        about them. No operation changes what a name means without passing here."""
+        node.merged = None
+        children = node.children
+        if children is None:
+            return
+        if not names:
+            node.children = None
+        for name in names:
+            children.pop(name, None)
 
     def readlink(self, ino: int) -> bytes:
         node = self.node(ino)
@@ -488,7 +494,7 @@ class Union:
         if not node.is_dir:
             node.lowers = ()
             node.gen += 1
-        self._changed(parent)
+        self._changed(parent, node.name)
         if not node.is_dir and st.st_nlink > 1 and not src.writable:
             self._copy_up_links(node, src, st)
 
@@ -516,7 +522,7 @@ class Union:
                 os.close(spfd)
                 os.close(dpfd)
             node.add_name(parent, name)
-            self._changed(parent)
+            self._changed(parent, name)
 
     def _walk(self, rel: bytes
               ) -> tuple[Node, bytes, Resolution, dict[int, bytes]] | None:
@@ -577,7 +583,7 @@ class Union:
         res = Resolution(Kind.DIR if stat.S_ISDIR(st.st_mode) else Kind.OTHER, (0,))
         node, st = self._node_for(parent, name, res, {0: join(parent.path(), name)}, st=st)
         node.nlookup += 1
-        self._changed(parent)
+        self._changed(parent, name)
         return node, st
 
     def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int,
@@ -712,7 +718,7 @@ class Union:
             st = os.stat(new_name, dir_fd=pfd, follow_symlinks=False)
             node.add_name(parent, new_name)
             node.nlookup += 1
-            self._changed(parent)
+            self._changed(parent, new_name)
             return node, st
         finally:
             os.close(pfd)
@@ -743,7 +749,7 @@ class Union:
                 self._remove_upper(pfd, name, is_dir)
         finally:
             os.close(pfd)
-        self._changed(parent)
+        self._changed(parent, name)
         self._after_unlink(node, parent, name)
 
     def _after_unlink(self, node: Node, parent: Node, name: bytes) -> None:
@@ -852,7 +858,8 @@ class Union:
         if dnode is not None:
             self._after_unlink(dnode, np, new_name)
         snode.move_name(op, old_name, np, new_name)
-        self._changed(op, np)
+        self._changed(op, old_name)
+        self._changed(np, new_name)
 
     def _set_redirect(self, parent: Node, name: bytes, node: Node) -> None:
         """Mark the upper copy of a moved directory with where its lower content lives
@@ -909,7 +916,8 @@ class Union:
             os.close(apfd)
         a.move_name(op, on, np, nn)
         b.move_name(np, nn, op, on)
-        self._changed(op, np)
+        self._changed(op, on)
+        self._changed(np, nn)
 
     # --- setattr -----------------------------------------------------------------------
     def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
