@@ -82,6 +82,8 @@ async def _serve(ops: UnionOperations, stats_path: str | None) -> None:
 
 def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
     """Mount and serve until unmounted or signalled. Returns the number of handler bugs."""
+    # modes of new objects are exactly what callers ask for (their umask is applied per request)
+    os.umask(0)
     union = Union(config)
     stats_path = os.environ.get(STATS_ENV) or None
     ops = UnionOperations(union, timeout=config.timeout, writeback=config.writeback,

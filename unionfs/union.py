@@ -89,6 +89,7 @@ class Union:
         self.privileged = os.geteuid() == 0
         self._fh = itertools.count(1)
         self._tmp = itertools.count(1)
+        self._nlinks: dict[tuple[int, int], int] = {}
         self.chardev_whiteouts = False
         self.trusted_xattrs = False
         if self.upper is not None:
@@ -228,17 +229,37 @@ class Union:
         return join(base, value)
 
     def _lower_layers_at(self, path: bytes, above: int) -> list[tuple[int, bytes]]:
-        """The merged directory at PATH in the branches below branch ABOVE, as layers."""
+        """The merged directory at PATH in the branches below branch ABOVE, as layers.
+
+        PATH is in the namespace those branches show together, so redirects met on the way
+        (directories moved while those branches were the upper) are followed, as overlayfs
+        does."""
         layers = [(b.index, b"") for b in self.branches[above + 1:]]
-        if not path:
-            return layers
-        for comp in path.split(b"/"):
-            entries = [(b, self.branches[b].entry(rel, comp)) for b, rel in layers]
-            res = resolve(entries)
-            if res.kind is not Kind.DIR:
+        walked = b""
+        for comp in path.split(b"/") if path else ():
+            found: list[tuple[int, bytes]] = []
+            for b, rel in layers:
+                e = self.branches[b].entry(rel, comp)
+                k = e.kind
+                if k is Kind.WHITEOUT or (k is Kind.OTHER and found):
+                    break
+                if k is Kind.OTHER:
+                    return []
+                if k is Kind.DIR:
+                    found.append((b, join(rel, comp)))
+                    if e.opaque or e.hides_below:
+                        break
+                    if e.redirect is not None:
+                        v = e.redirect.rstrip(b"\0")
+                        target = v.strip(b"/") if v.startswith(b"/") else join(walked, v)
+                        found.extend(self._lower_layers_at(target, b))
+                        break
+                elif e.hides_below:
+                    break
+            if not found:
                 return []
-            rels = dict(layers)
-            layers = [(b, join(rels[b], comp)) for b in res.branches]
+            layers = found
+            walked = join(walked, comp)
         return layers
 
     def _node_for(self, parent: Node, name: bytes, res: Resolution, paths: dict[int, bytes],
@@ -335,7 +356,26 @@ class Union:
             return 0
         if node.is_dir and (len(node.lowers) + node.upper) > 1:
             return 2 + sum(1 for m in self.merged(node) if m.is_dir)
+        if st.st_nlink > 1 and not node.upper and node.lowers:
+            return self._visible_links(node.lowers[0][0], st.st_ino)
         return st.st_nlink
+
+    def _visible_links(self, branch: int, ino: int) -> int:
+        """How many names of a hard-linked lower file the union shows (whiteouts and opaque
+        directories above hide some of the names the branch counts)."""
+        key = (branch, ino)
+        n = self._nlinks.get(key)
+        if n is None:
+            n = 0
+            for path in self.branches[branch].hardlinks(ino):
+                found = self._walk(path)
+                if found is not None:
+                    res, paths = found[2], found[3]
+                    if res.kind is Kind.OTHER and res.branches[0] == branch and \
+                            paths[branch] == path:
+                        n += 1
+            self._nlinks[key] = n = max(n, 1)
+        return n
 
     def merged(self, node: Node) -> list[MergedEntry]:
         """The merged listing of a directory node (cached until something changes in it)."""
@@ -352,6 +392,8 @@ class Union:
         """NAMES in directory NODE changed (all of it when none is given): drop what was cached
         about them. No operation changes what a name means without passing here."""
         node.merged = None
+        if self._nlinks:
+            self._nlinks.clear()
         children = node.children
         if children is None:
             return
@@ -453,6 +495,13 @@ class Union:
             sl.renameat2(pfd, name, self.work_fd, tmp)
             self._purge(self.work_fd, tmp)
 
+    @staticmethod
+    def _own_fd(fd: int, uid: int, gid: int, mode: int) -> None:
+        """Give a new object its owner; chown clears set-id bits, so the mode comes after."""
+        os.fchown(fd, uid, gid)
+        if mode & (stat.S_ISUID | stat.S_ISGID):
+            os.fchmod(fd, stat.S_IMODE(mode))
+
     def _owner(self, parent_st: os.stat_result, caller: Caller, mode: int
                ) -> tuple[int, int, int]:
         gid = caller.gid
@@ -479,12 +528,15 @@ class Union:
         upfd = upper.open_dir(parent.path())
         tmp = self._tmpname()
         try:
+            pst = os.fstat(upfd)
             try:
                 copyup.copy_object(spfd, sname, self.work_fd, tmp, st, self.privileged)
                 sl.renameat2(self.work_fd, tmp, upfd, node.name, sl.RENAME_NOREPLACE)
             except BaseException:
                 self._purge(self.work_fd, tmp)
                 raise
+            # a copy-up is no change of the directory: keep its times (as overlayfs does)
+            self._restore_times(upfd, pst)
             ust = os.stat(node.name, dir_fd=upfd, follow_symlinks=False)
         finally:
             os.close(spfd)
@@ -497,6 +549,10 @@ class Union:
         self._changed(parent, node.name)
         if not node.is_dir and st.st_nlink > 1 and not src.writable:
             self._copy_up_links(node, src, st)
+
+    @staticmethod
+    def _restore_times(dirfd: int, st: os.stat_result) -> None:
+        os.utime(sl.fd_path(dirfd), ns=(st.st_atime_ns, st.st_mtime_ns))
 
     def _copy_up_links(self, node: Node, src: Branch, st: os.stat_result) -> None:
         """Hard links survive copy-up: every other visible name of the lower inode becomes a
@@ -516,8 +572,10 @@ class Union:
             spfd = self.upper.open_dir(node.parent.path())
             dpfd = self.upper.open_dir(parent.path())
             try:
+                pst = os.fstat(dpfd)
                 os.link(node.name, name, src_dir_fd=spfd, dst_dir_fd=dpfd,
                         follow_symlinks=False)
+                self._restore_times(dpfd, pst)
             finally:
                 os.close(spfd)
                 os.close(dpfd)
@@ -600,6 +658,8 @@ class Union:
             try:
                 if self.privileged:
                     os.chown(tmp, uid, gid, dir_fd=self.work_fd, follow_symlinks=False)
+                    if mode & (stat.S_ISUID | stat.S_ISGID):
+                        os.chmod(tmp, stat.S_IMODE(mode), dir_fd=self.work_fd)
                 self._place(pfd, name, tmp, False, replace)
             except BaseException:
                 self._purge(self.work_fd, tmp)
@@ -670,7 +730,7 @@ class Union:
                              dir_fd=self.work_fd)
                 try:
                     if self.privileged:
-                        os.fchown(fd, uid, gid)
+                        self._own_fd(fd, uid, gid, mode)
                     self._place(pfd, name, tmp, False, True)
                 except BaseException:
                     os.close(fd)
@@ -681,7 +741,7 @@ class Union:
                              dir_fd=pfd)
                 if self.privileged:
                     try:
-                        os.fchown(fd, uid, gid)
+                        self._own_fd(fd, uid, gid, mode)
                     except BaseException:
                         os.close(fd)
                         os.unlink(name, dir_fd=pfd)
@@ -862,10 +922,10 @@ class Union:
         self._changed(np, new_name)
 
     def _set_redirect(self, parent: Node, name: bytes, node: Node) -> None:
-        """Mark the upper copy of a moved directory with where its lower content lives
+        """Mark the upper copy of a directory about to move with where its lower content lives
         (overlayfs' redirect_dir format: an absolute path from the branch roots)."""
         assert self.upper is not None
-        origin = b"/" + node.lowers[0][1]
+        origin = self._redirect_value(node)
         pfd = self.upper.open_dir(parent.path())
         try:
             fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)
@@ -876,6 +936,24 @@ class Union:
             os.setxattr(sl.fd_path(fd), key, origin)
         finally:
             os.close(fd)
+
+    def _redirect_value(self, node: Node) -> bytes:
+        """Where the branches below the upper show NODE's directory: its path, in which an
+        ancestor (or the node itself) that was moved before contributes its own redirect
+        (the rule of overlayfs' ovl_get_redirect, so either can read the other's)."""
+        assert self.upper is not None
+        parts: list[bytes] = []
+        n: Node | None = node
+        while n is not None and n.parent is not None:
+            r = self.upper.dir_info(n.path()).redirect
+            v = r.rstrip(b"\0") if r else b""
+            if v.startswith(b"/"):
+                if v.strip(b"/"):
+                    parts.append(v.strip(b"/"))
+                break
+            parts.append(v or n.name)
+            n = n.parent
+        return b"/" + b"/".join(reversed(parts))
 
     def _exchange(self, op: Node, on: bytes, a: Node, aentries: list[tuple[int, BranchEntry]],
                   np: Node, nn: bytes, b: Node, bentries: list[tuple[int, BranchEntry]]
