@@ -10,35 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from unionfs.mountinfo import escape_option, mounts
+from unionfs.mountinfo import lowerdir_option as lowerdir_option
+
 MOUNT_TIMEOUT = 60.0
 
 
-def esc(p: Path | str) -> str:
-    """Escape a path for a `lowerdir=`/`upperdir=` option value."""
-    return str(p).replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
-
-
-def lowerdir_option(lowers: Sequence[Path | str]) -> str:
-    return ":".join(esc(p) for p in lowers)
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+esc = escape_option
 
 
 def mount_points() -> list[str]:
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            out.append(_unescape(line.split(" - ", 1)[0].split()[4]))
-    return out
+    return [mp for mp, _ in mounts()]
 
 
 def is_mounted(mnt: Path | str) -> bool:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from . import __version__
 from .config import Config
 from .mount import GENERIC_FUSE_OPTIONS
+from .mountinfo import mounts
 
 HELP_OPTIONS = """\
 mount options (-o, comma separated, may repeat):
@@ -162,15 +163,10 @@ def _inside(child: str, parent: str) -> bool:
 
 
 def _mounted_paths() -> set[str]:
-    out = set()
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                mp = line.split()[4]
-                out.add(mp.encode().decode("unicode_escape"))
+        return {mp for mp, _ in mounts()}
     except OSError:
-        pass
-    return out
+        return set()
 
 
 ALLOWED_IN_WORKDIR = {"work", "index", "incompat"}

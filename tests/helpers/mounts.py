@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,30 +16,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unionfs.mountinfo import escape_option, lowerdir_option, mounts
+
 MOUNT_TIMEOUT = 30.0
 
 
-def _esc(p: Path | str) -> str:
-    return str(p).replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
-
-
-def lowerdir_option(lowers: Sequence[Path | str]) -> str:
-    """`lowerdir=` value, top-first, colons escaped."""
-    return ":".join(_esc(p) for p in lowers)
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+_esc = escape_option
 
 
 def mount_points() -> list[tuple[str, str]]:
     """(mount point, file system type) of every mount in this namespace, in mount order."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, right = line.split(" - ", 1)
-            out.append((_unescape(left.split()[4]), right.split()[0]))
-    return out
+    return mounts()
 
 
 def is_mounted(mnt: Path | str) -> bool:

@@ -229,3 +229,19 @@ def test_lowerdir_escapes_and_symlinked_branches(tmp_path: Path) -> None:
             assert (mnt / "f").read_text() == "escaped"
         finally:
             unmount(mnt)
+
+
+def test_mount_points_with_spaces_and_non_ascii_names(tmp_path: Path) -> None:
+    lower = tmp_path / "low er"
+    write(lower / "f", "x")
+    mnt = tmp_path / "mnt é\tx"
+    mnt.mkdir()
+    r = run("-o", f"lowerdir={lower}", str(mnt))
+    try:
+        assert r.returncode == 0, r.stderr
+        assert is_mounted(mnt) and fs_type(mnt) == "fuse.unionfs"
+        busy = run("-o", f"lowerdir={lower}", str(mnt))
+        assert busy.returncode == 1 and "busy" in busy.stderr
+    finally:
+        unmount(mnt)
+    assert not is_mounted(mnt)
