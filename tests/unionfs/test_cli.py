@@ -245,3 +245,18 @@ def test_mount_points_with_spaces_and_non_ascii_names(tmp_path: Path) -> None:
     finally:
         unmount(mnt)
     assert not is_mounted(mnt)
+
+
+def test_fstab_entry(stack: Stack, tmp_path: Path) -> None:
+    """An /etc/fstab line (here a private fstab file given to mount -T) mounts unionfs."""
+    write(stack.lowers[1] / "f", "from fstab")
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"unionfs {stack.mnt} fuse.unionfs {_opts(stack)},noauto 0 0\n")
+    r = subprocess.run(["mount", "-T", str(fstab), str(stack.mnt)], capture_output=True,
+                       text=True, timeout=60)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert fs_type(stack.mnt) == "fuse.unionfs"
+        assert (stack.mnt / "f").read_text() == "from fstab"
+    finally:
+        unmount(stack.mnt)
