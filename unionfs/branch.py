@@ -78,9 +78,9 @@ class Branch:
         self._last: tuple[bytes, os.stat_result] | None = None
 
     def hardlinks(self, ino: int) -> list[bytes]:
-        """Every path of this (read-only) branch whose regular file has inode INO.
+        """Every path of this (read-only) branch whose non-directory has inode INO.
 
-        The first call walks the branch once and indexes the files with more than one link.
+        The first call walks the branch once and indexes the objects with more than one link.
         """
         if self._links is None:
             index: dict[int, list[bytes]] = {}
@@ -99,7 +99,7 @@ class Branch:
                     name = os.fsencode(de.name)
                     if de.is_dir(follow_symlinks=False):
                         self._walk_links(join(rel, name), index)
-                    elif de.is_file(follow_symlinks=False):
+                    else:  # any non-directory can have hard links (fifos, symlinks, devices)
                         st = de.stat(follow_symlinks=False)
                         if st.st_nlink > 1:
                             index.setdefault(st.st_ino, []).append(join(rel, name))

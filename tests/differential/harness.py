@@ -772,7 +772,13 @@ class DiffPair:
         st_ = os.stat(path, follow_symlinks=bool(kw.get("follow", False)))
         view = visible(snapshot(self.oracle.mnt))
         oracle = Snap("reg", 0, 0, 0, None, None, None, (), st_.st_nlink, None, ino=st_.st_ino)
-        return nlink_model_agrees(x[5], oracle, view)
+        if nlink_model_agrees(x[5], oracle, view):
+            return True
+        # unionfs keeps hard links where the oracle's index=on link is lost (see compare_views):
+        # its count must then be the number of names it shows for the inode
+        sut_st = os.stat(os.path.join(os.fsencode(self.sut.mnt), rel),
+                         follow_symlinks=bool(kw.get("follow", False)))
+        return bool(x[5] == visible_names(visible(snapshot(self.sut.mnt)), sut_st.st_ino))
 
     # -- whole-tree checks --
 

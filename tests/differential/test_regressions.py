@@ -164,3 +164,25 @@ def test_copy_up_keeps_the_parent_directory_mtime() -> None:
         ("chmod", {"path": "b/f", "mode": 0o600}),
         ("stat", {"path": "b", "follow": False}),
     ])
+
+
+def test_hard_linked_fifo_keeps_its_link_count_after_remount() -> None:
+    # found by the state machine: after link() of a lower fifo and a remount (the upper becomes a
+    # lower), both names showed st_nlink 1 in unionfs (only regular files were indexed)
+    replay(Stack([Layer({"a": Dir(), "b": Fifo(0o644, 0, 1000)})]), [
+        ("link", {"src": "b", "dst": "a/b"}),
+        ("remount", {}),
+        ("stat", {"path": "b", "follow": False}),
+    ])
+
+
+def test_hard_link_kept_across_copy_up_and_remounts() -> None:
+    # found by the state machine: unionfs keeps the link after a copy-up and two remounts, where
+    # the oracle (index=on) loses it; unionfs' count must match the names it shows
+    stack = Stack([Layer({"a": Dir(), "a/a": Dir(), "a/a/a": File(), "a/a/b": HardLink("a/a/a")})])
+    replay(stack, [
+        ("utimens", {"path": "a/a/a", "atime_ns": 0, "mtime_ns": 0, "follow": False}),
+        ("remount", {}),
+        ("remount", {}),
+        ("stat", {"path": "a/a/a", "follow": False}),
+    ])
