@@ -817,6 +817,27 @@ class DiffPair:
                           if self._lstat(p_) is not None), None)
             if found is None or snap_entry(found).attrs() != s.attrs():
                 os.chmod(os.path.join(mnt, rel), s.mode)
+        # Names that the index links to a copied-up inode but that are still lower names would
+        # come apart at the remount (the index is not carried over): relink them through the
+        # mount (unlink, then link to a name the upper holds) so the link persists, as unionfs'
+        # does (it links every name of a hard-linked lower file in the upper at copy-up).
+        groups: dict[int, list[str]] = {}
+        for p, s in view.items():
+            if s.kind not in ("dir", "ghost"):
+                groups.setdefault(s.ino, []).append(p)
+        for names in groups.values():
+            if len(names) < 2:
+                continue
+            in_upper = [n for n in names if os.path.lexists(os.path.join(upper, os.fsencode(n)))]
+            if not in_upper:
+                continue
+            src = os.path.join(mnt, os.fsencode(in_upper[0]))
+            for n in names:
+                if n in in_upper:
+                    continue
+                dst = os.path.join(mnt, os.fsencode(n))
+                os.unlink(dst)
+                os.link(src, dst, follow_symlinks=False)
 
     @staticmethod
     def _lstat(path: bytes) -> os.stat_result | None:

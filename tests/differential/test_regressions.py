@@ -186,3 +186,17 @@ def test_hard_link_kept_across_copy_up_and_remounts() -> None:
         ("remount", {}),
         ("stat", {"path": "a/a/a", "follow": False}),
     ])
+
+
+def test_hard_link_renamed_then_written_after_remounts() -> None:
+    # found by the state machine: renaming one name of a hard-linked lower file copies it up;
+    # unionfs links the other name in the upper, so later writes show through both names even
+    # after remounts (the oracle is made to keep the link too, see _selfcontain_hardlinks)
+    stack = Stack([Layer({"a": Dir(), "a/a": Dir(), "a/a/a": File(), "c": HardLink("a/a/a")})])
+    replay(stack, [
+        ("rename", {"src": "c", "dst": "e", "flags": 0}),
+        ("remount", {}),
+        ("remount", {}),
+        ("write", {"path": "e", "offset": 0, "data": Blob(38, 15)}),
+        ("stat", {"path": "a/a/a", "follow": False}),
+    ])
