@@ -27,12 +27,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import mounts
 from .util import (
+    BenchError,
     catches_signal,
     link_farm,
     proc_cpu_seconds,
@@ -383,3 +384,22 @@ def select(names: Sequence[str]) -> tuple[list[Backend], dict[str, str]]:
         else:
             skipped[n] = why
     return ok, skipped
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise BenchError("the benchmarks mount file systems and drop caches: run them as root")
+
+
+def prepare(names: Sequence[str], note: Callable[[str], None]
+            ) -> tuple[list[Backend], dict[str, str], str | None]:
+    """Root check, the available backends among NAMES, the skipped ones (each noted with its
+    reason), and unionfs-fuse's metadata directory name; raises when none is available."""
+    require_root()
+    chosen, skipped = select(list(names))
+    metadir = probe_unionfs_fuse(chosen, skipped)
+    for name, why in skipped.items():
+        note(f"skipping {name}: {why}")
+    if not chosen:
+        raise BenchError("no backend available")
+    return chosen, skipped, metadir

@@ -803,15 +803,8 @@ def run_props(backends: Sequence[str], workloads_: Sequence[GenWorkload], scale:
               rounds: int, cache: Path | None, seed: int, properties: bool = True,
               max_slowdown: float = MAX_SLOWDOWN, quiet: bool = False
               ) -> tuple[dict[str, Any], list[WorkloadResult], list[Property]]:
-    if os.geteuid() != 0:
-        raise BenchError("the benchmarks mount file systems and drop caches: run them as root")
-    chosen, skipped = bk.select(list(backends))
-    metadir = bk.probe_unionfs_fuse(chosen, skipped)
     progress = Progress(0, quiet)
-    for name, why in skipped.items():
-        progress.note(f"skipping {name}: {why}")
-    if not chosen:
-        raise BenchError("no backend available")
+    chosen, skipped, metadir = bk.prepare(backends, progress.note)
     lim = LIMITS[scale]
     shape_draw: list[tuple[Shape, int]] = _examples(shapes(lim), seed, 1) if properties else []
     progress.total = rounds * len(chosen) * (len(workloads_) + (4 if properties else 0))

@@ -182,8 +182,7 @@ def check_initial_trees(ds: Dataset, stack: bk.Stack, backends: Sequence[bk.Back
 
 
 def run_benchmark(opts: RunOptions, log: Callable[[str], None] | None = None) -> Results:
-    if os.geteuid() != 0:
-        raise BenchError("the benchmarks mount file systems and drop caches: run them as root")
+    bk.require_root()
     if not can_drop_caches():
         raise BenchError("cannot write /proc/sys/vm/drop_caches")
     scale = SCALES[opts.scale]

@@ -424,16 +424,9 @@ def panels(curves: Sequence[Curve]) -> list[dict[str, Any]]:
 
 def run_scaling(backends: Sequence[str], curves: Sequence[str], scale: str, rounds: int,
                 cache: Path | None, quiet: bool = False) -> tuple[dict[str, Any], list[Curve]]:
-    if os.geteuid() != 0:
-        raise BenchError("the benchmarks mount file systems and drop caches: run them as root")
     lim = LIMITS[scale]
-    chosen, skipped = bk.select(list(backends))
-    metadir = bk.probe_unionfs_fuse(chosen, skipped)
     progress = Progress(0, quiet)
-    for name, why in skipped.items():
-        progress.note(f"skipping {name}: {why}")
-    if not chosen:
-        raise BenchError("no backend available")
+    chosen, skipped, metadir = bk.prepare(backends, progress.note)
     base = cache_dir(cache)
     gen_cache = base / "scaling"
     n_fuse = sum(1 for b in chosen if b.fuse)
