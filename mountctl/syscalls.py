@@ -14,6 +14,23 @@ import ctypes.util
 import os
 import platform
 
+from unionfs import sys_linux as _ul
+from unionfs.sys_linux import (  # re-exported: the one openat2 wrapper lives in unionfs
+    RESOLVE_BENEATH as RESOLVE_BENEATH,
+)
+from unionfs.sys_linux import (
+    RESOLVE_IN_ROOT as RESOLVE_IN_ROOT,
+)
+from unionfs.sys_linux import (
+    RESOLVE_NO_MAGICLINKS as RESOLVE_NO_MAGICLINKS,
+)
+from unionfs.sys_linux import (
+    RESOLVE_NO_SYMLINKS as RESOLVE_NO_SYMLINKS,
+)
+from unionfs.sys_linux import (
+    RESOLVE_NO_XDEV as RESOLVE_NO_XDEV,
+)
+
 
 def _load_libc() -> ctypes.CDLL:
     try:  # the usual name: no ldconfig run (find_library forks one, ~50 ms)
@@ -25,9 +42,9 @@ def _load_libc() -> ctypes.CDLL:
 _libc = _load_libc()
 
 _NR = {
-    "x86_64": {"pivot_root": 155, "openat2": 437},
-    "aarch64": {"pivot_root": 41, "openat2": 437},
-}.get(platform.machine(), {"pivot_root": 155, "openat2": 437})
+    "x86_64": {"pivot_root": 155},
+    "aarch64": {"pivot_root": 41},
+}.get(platform.machine(), {"pivot_root": 155})
 
 # unshare / setns / clone flags
 CLONE_NEWNS = 0x00020000
@@ -85,12 +102,6 @@ CAP_SYS_CHROOT = 18
 CAP_AUDIT_WRITE = 29
 CAP_SETFCAP = 31
 
-# openat2 resolve flags
-RESOLVE_NO_XDEV = 0x01
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
-RESOLVE_IN_ROOT = 0x10
 
 # statvfs f_flag bits that a bind remount must keep (they may be locked in a user namespace)
 _ST_TO_MS = ((os.ST_RDONLY, MS_RDONLY), (os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV),
@@ -189,21 +200,11 @@ def set_name(name: str) -> None:
     _check(int(_libc.prctl(PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value or 0, 0, 0, 0)))
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
-
-
 def openat2(dirfd: int, path: Path, flags: int, mode: int = 0,
             resolve: int = RESOLVE_IN_ROOT) -> int:
     """openat2(2), O_CLOEXEC always added. With RESOLVE_IN_ROOT, `path` (absolute or not) is
     resolved as if `dirfd` were the root directory: symlinks and `..` never leave it."""
-    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    raw = _b(path)
-    fd = int(_libc.syscall(_NR["openat2"], ctypes.c_int(dirfd), ctypes.c_char_p(raw),
-                           ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))))
-    _check(fd, path)
-    return fd
+    return _ul.openat2(dirfd, os.fsencode(path), flags, mode, resolve)
 
 
 def remount_flags(path: Path) -> int:
