@@ -24,6 +24,26 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $($PY --version)"
   "$PY" -m venv .venv
 fi
+# pyfuse3, patched so readdir can be stateless and the kernel caches listings (see
+# third_party/README.md); built from the verified upstream sdist before anything pulls upstream's.
+PYFUSE3_VERSION=3.5.0
+PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
+PYFUSE3_PATCH=third_party/pyfuse3-$PYFUSE3_VERSION-inode-dir-handles.patch
+PYFUSE3_LOCAL=$PYFUSE3_VERSION+unionfs.$(sha256sum "$PYFUSE3_PATCH" | cut -c1-8)
+have=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("pyfuse3"))' \
+       2>/dev/null || true)
+if [ "$have" != "$PYFUSE3_LOCAL" ]; then
+  echo "setup: building pyfuse3 $PYFUSE3_LOCAL (upstream $PYFUSE3_VERSION + $PYFUSE3_PATCH)"
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  .venv/bin/pip download -q --no-deps --no-binary :all: -d "$tmp" "pyfuse3==$PYFUSE3_VERSION"
+  echo "$PYFUSE3_SHA256  $tmp/pyfuse3-$PYFUSE3_VERSION.tar.gz" | sha256sum -c --quiet
+  tar xzf "$tmp/pyfuse3-$PYFUSE3_VERSION.tar.gz" -C "$tmp"
+  patch -s -p1 -d "$tmp" < "$PYFUSE3_PATCH"
+  SETUPTOOLS_SCM_PRETEND_VERSION=$PYFUSE3_LOCAL \
+    .venv/bin/pip install -q --no-deps --force-reinstall "$tmp/pyfuse3-$PYFUSE3_VERSION"
+fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   echo "setup: installing Python dependencies into .venv"

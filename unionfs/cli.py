@@ -28,6 +28,8 @@ mount options (-o, comma separated, may repeat):
   fsname=NAME          name shown as the mount's source (default: unionfs)
   timeout=SECONDS      kernel entry/attribute cache timeout (default 86400)
   writeback=0|1        kernel writeback cache (default 1)
+  dircache=0|1         kernel caches directory listings, no opendir/releasedir requests
+                       (default 1; needs the pyfuse3 that scripts/setup.sh builds, else off)
   allow_other          let other users in (default when run as root)
   allow_root           accepted for compatibility (implies allow_other)
   default_permissions  kernel permission checks (always on)
@@ -131,6 +133,10 @@ def parse_options(opts: Sequence[str]) -> dict[str, object]:
                 if value not in ("0", "1"):
                     raise UsageError(f"writeback: expected 0 or 1, got {value!r}")
                 res["writeback"] = value == "1"
+            elif key == "dircache":
+                if value not in ("0", "1"):
+                    raise UsageError(f"dircache: expected 0 or 1, got {value!r}")
+                res["dircache"] = value == "1"
             elif key in ("allow_other", "allow_root") and not eq:
                 res["allow_other"] = True
             elif key == "debug" and not eq:
@@ -220,6 +226,7 @@ def check(settings: dict[str, object], mountpoint: str, foreground: bool, debug:
         foreground=foreground or debug, debug=debug, fsname=fsname,
         allow_other=bool(settings.get("allow_other", os.geteuid() == 0)),
         timeout=timeout, writeback=bool(writeback), fuse_options=tuple(fuse_opts),
+        dircache=bool(settings.get("dircache", True)),
     )
 
 

@@ -18,6 +18,7 @@ class Config:
     default_permissions: bool = True
     timeout: float = 86400.0
     writeback: bool = True
+    dircache: bool = True  # stateless readdir with kernel-cached listings, when pyfuse3 can
     squash_to_root: bool = False
     fuse_options: tuple[str, ...] = field(default=())
 

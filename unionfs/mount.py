@@ -18,7 +18,7 @@ import pyfuse3
 import trio
 
 from .config import Config
-from .ops import UnionOperations
+from .ops import UnionOperations, dircache_supported, enable_dircache
 from .union import Union
 
 log = logging.getLogger("unionfs")
@@ -87,7 +87,10 @@ def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
     union = Union(config)
     stats_path = os.environ.get(STATS_ENV) or None
     ops = UnionOperations(union, timeout=config.timeout, writeback=config.writeback,
-                          debug=config.debug, count_requests=stats_path is not None)
+                          debug=config.debug, count_requests=stats_path is not None,
+                          dircache=config.dircache and dircache_supported())
+    if ops.dircache:
+        enable_dircache()
     try:
         pyfuse3.init(ops, config.mountpoint, fuse_options(config))
     except BaseException:

@@ -19,7 +19,6 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from .core.readdir import MergedEntry
 from .inodes import Node
 from .union import Caller, Union
 
@@ -61,12 +60,24 @@ def _translating(
     return wrapper
 
 
+def dircache_supported() -> bool:
+    """Whether this pyfuse3 can hand readdir the inode number when opendir is not implemented
+    (the patch scripts/setup.sh applies; upstream pyfuse3 3.5 passes only the handle). Turning
+    it on is global to the process, so callers do it once, right before serving."""
+    return hasattr(pyfuse3, "use_inode_dir_handles")
+
+
+def enable_dircache() -> None:
+    pyfuse3.use_inode_dir_handles(True)
+
+
 class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
     supports_dot_lookup = True
     enable_acl = False
 
     def __init__(self, union: Union, timeout: float, writeback: bool = True,
-                 debug: bool = False, count_requests: bool = False) -> None:
+                 debug: bool = False, count_requests: bool = False,
+                 dircache: bool = False) -> None:
         super().__init__()
         self.union = union
         self.timeout = timeout
@@ -75,9 +86,7 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         self.count_requests = count_requests or debug
         self.requests: Counter[str] = Counter()
         self.bugs = 0
-        self._dirs: dict[int, list[MergedEntry]] = {}
-        self._dir_nodes: dict[int, int] = {}
-        self._next_dh = 1
+        self.dircache = dircache
 
     def stats(self) -> dict[str, Any]:
         """Request counts per handler (when counting), handler bugs, and CPU seconds so far."""
@@ -216,23 +225,23 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         self.union.release(fh)
 
     # --- directories -------------------------------------------------------------------
+    # Directory handles are inode numbers; readdir keeps no per-open state (offsets are
+    # name hashes, see core.readdir). With `dircache`, opendir answers ENOSYS once: the kernel
+    # then never sends opendir/releasedir again, caches listings itself (FOPEN_CACHE_DIR |
+    # FOPEN_KEEP_CACHE, invalidated by every change it makes or we notify), and pyfuse3 hands
+    # readdir the inode number (see `dircache_supported`).
     @_translating
     async def opendir(self, inode: int, ctx: Any) -> int:
-        entries = self.union.opendir(inode)
-        dh = self._next_dh
-        self._next_dh += 1
-        self._dirs[dh] = entries
-        self._dir_nodes[dh] = inode
-        return dh
+        if self.dircache:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        self.union.opendir(inode)
+        return inode
 
     @_translating
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        parent = self._dir_nodes[fh]
-        if start_id == 0:
-            # a (re)start of the listing: show the directory as it is now (rewinddir)
-            self._dirs[fh] = self.union.opendir(parent)
-        entries = self._dirs[fh]
-        # offsets: 0 ".", 1 "..", 2 + i the i-th merged entry. The kernel counts no lookup
+        parent = fh
+        listing = self.union.readdir(parent)
+        # offsets: "." 1, ".." 2, entries their name offsets (> 2). The kernel counts no lookup
         # for "." and "..".
         if start_id < 2:
             dnode, dst = self.union.getattr(parent)
@@ -245,27 +254,24 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
                 up, ust = dnode, dst
             if not pyfuse3.readdir_reply(token, b"..", self._attr(up, ust), 2):
                 return
-            start_id = 2
-        for i in range(start_id - 2, len(entries)):
+        entries, offsets = listing.entries, listing.offsets
+        for i in range(listing.start(start_id), len(entries)):
             name = entries[i].name
             try:
                 node, st = self.union.lookup(parent, name)
             except OSError:
-                continue  # removed since opendir
-            if not pyfuse3.readdir_reply(token, name, self._attr(node, st), i + 3):
+                continue  # vanished (an unreadable lower object)
+            if not pyfuse3.readdir_reply(token, name, self._attr(node, st), offsets[i]):
                 self.union.forget(node.ino, 1)
                 break
 
     @_translating
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
-        self._dir_nodes.pop(fh, None)
+        pass
 
     @_translating
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        ino = self._dir_nodes.get(fh)
-        if ino is not None:
-            self.union.fsyncdir(ino)
+        self.union.fsyncdir(fh)
 
     # --- xattrs ------------------------------------------------------------------------
     @_translating

@@ -40,7 +40,7 @@ from .core.formats import (
     is_private_xattr,
     wh_name,
 )
-from .core.readdir import MergedEntry, merge
+from .core.readdir import MergedEntry, OffsetListing, merge, with_offsets
 from .core.resolve import BranchEntry, Kind, Resolution, lower_exists, resolve
 from .inodes import ROOT_INO, InodeTable, Node
 
@@ -378,13 +378,18 @@ class Union:
         return n
 
     def merged(self, node: Node) -> list[MergedEntry]:
-        """The merged listing of a directory node (cached until something changes in it)."""
+        """The merged listing of a directory node, in offset order (cached until something
+        changes in it)."""
+        return self.listing(node).entries
+
+    def listing(self, node: Node) -> OffsetListing:
+        """The merged listing of a directory node with the offsets readdir hands out."""
         cached = node.merged
         if cached is not None:
-            assert isinstance(cached, list)
+            assert isinstance(cached, OffsetListing)
             return cached
         listings = [(b.index, b.listing(rel)) for b, rel in self.layers(node)]
-        out = merge(listings)
+        out = with_offsets(merge(listings))
         node.merged = out
         return out
 
@@ -1161,10 +1166,16 @@ class Union:
 
     # --- directories -------------------------------------------------------------------
     def opendir(self, ino: int) -> list[MergedEntry]:
+        return list(self.readdir(ino).entries)
+
+    def readdir(self, ino: int) -> OffsetListing:
+        """The directory's merged listing as readdir serves it (empty once it was removed)."""
         node = self.node(ino)
         if not node.is_dir:
             raise _err(errno.ENOTDIR)
-        return list(self.merged(node))
+        if node.unlinked:
+            return OffsetListing([], [])
+        return self.listing(node)
 
     def fsyncdir(self, ino: int) -> None:
         node = self.node(ino)

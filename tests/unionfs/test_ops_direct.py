@@ -138,10 +138,19 @@ async def test_readdir_offsets_are_stable(env: Env) -> None:
         write(env.lower / "big" / f"f{i:04}", b"")
     ops = env.start()
     big = await _lookup(ops, pyfuse3.ROOT_INODE, b"big")
-    dh = await ops.opendir(big, CTX)
-    names = [e.name for e in ops._dirs[dh]]
-    assert len(names) == 300 and names == sorted(names)
-    await ops.releasedir(dh)
+    assert await ops.opendir(big, CTX) == big  # without dircache, handles are inode numbers
+    before = ops.union.readdir(big)
+    assert sorted(e.name for e in before.entries) == [b"f%04d" % i for i in range(300)]
+    # a reader stopped after 100 entries; the directory changes; it resumes at its offset
+    seen = [e.name for e in before.entries[:100]]
+    for name in (seen[3], before.entries[150].name, before.entries[299].name):
+        await ops.unlink(big, name, CTX)
+    await ops.mkdir(big, b"new", 0o755, CTX)
+    after = ops.union.readdir(big)
+    rest = [e.name for e in after.entries[after.start(before.offsets[99]):]]
+    assert not set(seen) & set(rest)
+    assert set(seen) | set(rest) >= {e.name for e in after.entries} - {b"new"}
+    await ops.releasedir(big)
 
 
 async def test_lookup_counts_and_forget(env: Env) -> None:

@@ -5,13 +5,17 @@ top-first, each a mapping name -> `BranchEntry` plus the set of names that branc
 Output: the merged names in a stable order, each with the branch that supplies it and whether it
 is a directory. Whiteouts and markers never appear; a name appears once.
 
-Offsets handed to the kernel are positions in this merged list, taken once per opendir, so
-telldir/seekdir are stable for the life of the handle.
+Offsets handed to the kernel (`with_offsets`) are derived from the names, not from positions:
+an entry's offset is a hash of its name, and a listing is served in offset order. So a reader that
+resumes at an offset neither repeats nor skips an entry that was there all along, however the
+directory changed in between, and readdir needs no per-open state (the kernel may cache the listing
+and come back at any offset).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import bisect
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .resolve import HIDDEN, MISSING, BranchEntry, Kind
@@ -68,3 +72,42 @@ def merge(listings: Iterable[tuple[int, Listing]]) -> list[MergedEntry]:
 def merged_names(listings: Iterable[tuple[int, Mapping[bytes, BranchEntry]]]) -> list[bytes]:
     """Names only; convenience for tests and emptiness checks."""
     return [m.name for m in merge((b, Listing(dict(e))) for b, e in listings)]
+
+
+# offsets 1 and 2 follow "." and ".."; entries' offsets lie above them, within a signed 64-bit off_t
+FIRST_OFFSET = 3
+_OFFSET_MASK = (1 << 62) - 1
+
+
+def name_offset(name: bytes) -> int:
+    """The offset of NAME in any listing of this process (a stable per-process hash)."""
+    return (hash(name) & _OFFSET_MASK) + FIRST_OFFSET
+
+
+@dataclass(slots=True)
+class OffsetListing:
+    """A merged listing in offset order: `offsets[i]` is the offset after `entries[i]`."""
+
+    offsets: list[int]
+    entries: list[MergedEntry]
+
+    def start(self, offset: int) -> int:
+        """Index of the first entry a reader resuming at OFFSET has not seen."""
+        return bisect.bisect_right(self.offsets, offset)
+
+
+def with_offsets(entries: Iterable[MergedEntry],
+                 offset_of: Callable[[bytes], int] = name_offset) -> OffsetListing:
+    """Order ENTRIES by their names' offsets. Two names with the same hash (about one chance in
+    2**62 per pair) get consecutive offsets, in name order, so every offset stays unique."""
+    keyed = sorted(((offset_of(e.name), e.name, e) for e in entries), key=lambda t: (t[0], t[1]))
+    offsets: list[int] = []
+    out: list[MergedEntry] = []
+    prev = FIRST_OFFSET - 1
+    for off, _, e in keyed:
+        if off <= prev:
+            off = prev + 1
+        offsets.append(off)
+        out.append(e)
+        prev = off
+    return OffsetListing(offsets, out)

@@ -1,0 +1,170 @@
+"""Kernel-cached directory listings (`dircache`) and stateless readdir, on real mounts.
+
+With dircache on, unionfs answers the first opendir with ENOSYS and the kernel caches listings;
+these tests check that warm walks really reach no handler, that every change is seen through the
+cache, and that a reader resuming mid-listing neither repeats nor skips entries that stayed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import json
+import os
+import platform
+import signal
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.util import catches_signal
+from tests.helpers.mounts import Mount
+from tests.unionfs.conftest import Stack, write
+from unionfs.ops import dircache_supported
+
+_SYS_GETDENTS64 = {"x86_64": 217, "aarch64": 61}[platform.machine()]
+_libc = ctypes.CDLL(None, use_errno=True)
+
+MODES = {"dircache": ("dircache=1",), "no-dircache": ("dircache=0",)}
+
+
+def getdents(fd: int, size: int) -> list[bytes]:
+    """One getdents64 call with a SIZE-byte buffer: the names it returned ([] at the end)."""
+    buf = ctypes.create_string_buffer(size)
+    n = _libc.syscall(_SYS_GETDENTS64, fd, buf, size)
+    if n < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    out, pos, raw = [], 0, buf.raw[:n]
+    while pos < n:
+        reclen = struct.unpack_from("=QqH", raw, pos)[2]
+        out.append(raw[pos + 19:pos + reclen].split(b"\0", 1)[0])
+        pos += reclen
+    return out
+
+
+def requests(m: Mount, path: Path, seq: list[int]) -> dict[str, int]:
+    """The server's request counters so far (SIGUSR1 dump, see unionfs.mount)."""
+    assert m.server is not None
+    deadline = time.monotonic() + 10
+    while not catches_signal(m.server.pid, signal.SIGUSR1):
+        assert time.monotonic() < deadline, "server never installed its SIGUSR1 handler"
+        time.sleep(0.02)
+    seq[0] += 1
+    os.kill(m.server.pid, signal.SIGUSR1)
+    while True:
+        try:
+            data = json.loads(path.read_text())
+            if data["seq"] >= seq[0]:
+                return dict(data["requests"])
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        assert time.monotonic() < deadline, "no stats dump"
+        time.sleep(0.02)
+
+
+def walk(root: Path) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, n), root)
+                  for d, ds, fs in os.walk(root) for n in ds + fs)
+
+
+def test_setup_builds_the_patched_pyfuse3() -> None:
+    # scripts/setup.sh installs pyfuse3 from the upstream sdist plus third_party's patch
+    assert dircache_supported()
+    assert "+unionfs." in importlib.metadata.version("pyfuse3")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_warm_walk_reaches_no_directory_handler(stack: Stack, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  mode: str) -> None:
+    for d in range(20):
+        write(stack.lowers[d % 2] / f"d{d}" / "sub" / "f", "x")
+        write(stack.lowers[1] / f"d{d}" / "g", "y")
+    stats = tmp_path / "stats.json"
+    monkeypatch.setenv("UNIONFS_STATS_FILE", str(stats))
+    seq = [0]
+    with stack.mount(options=MODES[mode]) as m:
+        first = walk(stack.mnt)
+        before = requests(m, stats, seq)
+        assert walk(stack.mnt) == first
+        after = requests(m, stats, seq)
+    dir_requests = sum(after.get(k, 0) - before.get(k, 0)
+                       for k in ("opendir", "readdir", "releasedir"))
+    if mode == "dircache":
+        assert dir_requests == 0, (before, after)
+        assert after.get("opendir", 0) <= 2  # answered ENOSYS, then never sent again
+    else:
+        assert dir_requests >= 3 * 41  # every directory: opendir, readdir(s), releasedir
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_changes_show_through_cached_listings(stack: Stack, mode: str) -> None:
+    write(stack.lowers[1] / "d" / "low", "1")
+    write(stack.lowers[0] / "d" / "mid", "2")
+    write(stack.lowers[1] / "e" / "x", "3")
+    with stack.mount(options=MODES[mode]):
+        d, e = stack.mnt / "d", stack.mnt / "e"
+
+        def ls(p: Path) -> list[str]:
+            return sorted(os.listdir(p))
+
+        assert ls(d) == ["low", "mid"]
+        (d / "new").write_text("n")
+        assert ls(d) == ["low", "mid", "new"]
+        (d / "low").unlink()
+        assert ls(d) == ["mid", "new"]
+        os.rename(d / "mid", e / "mid")
+        assert ls(d) == ["new"] and ls(e) == ["mid", "x"]
+        os.mkdir(d / "sub")
+        os.symlink("new", d / "link")
+        os.link(d / "new", d / "hard")
+        assert ls(d) == ["hard", "link", "new", "sub"]
+        os.rmdir(d / "sub")
+        os.rename(e, d / "sub")
+        assert ls(d) == ["hard", "link", "new", "sub"] and ls(d / "sub") == ["mid", "x"]
+        assert ls(stack.mnt) == ["d"]
+        for n in ("hard", "link", "new"):
+            os.unlink(d / n)
+        os.unlink(d / "sub" / "mid")
+        os.unlink(d / "sub" / "x")
+        os.rmdir(d / "sub")
+        assert ls(d) == []
+        os.rmdir(d)
+        os.mkdir(d)  # opaque now: nothing from below comes back
+        assert ls(d) == [] and ls(stack.mnt) == ["d"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_reader_resuming_after_changes_sees_every_stable_entry_once(stack: Stack,
+                                                                      mode: str) -> None:
+    names = [f"entry-{i:04d}" for i in range(600)]
+    for i, n in enumerate(names):
+        write((stack.lowers[i % 2] if i % 3 else stack.upper) / "big" / n)
+    with stack.mount(options=MODES[mode]):
+        big = stack.mnt / "big"
+        fd = os.open(big, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            seen = getdents(fd, 2048)
+            assert 0 < len(seen) < 300
+            unseen = [n for n in names if n.encode() not in seen]
+            changed = set()
+            for n in [*unseen[::7], *[s.decode() for s in seen[::5] if s.startswith(b"e")]]:
+                os.unlink(big / n)
+                changed.add(n)
+            for n in unseen[1::11]:
+                if n not in changed:
+                    os.rename(big / n, big / (n + ".moved"))
+                    changed.add(n)
+            for i in range(50):
+                (big / f"new-{i}").write_text("")
+            while chunk := getdents(fd, 2048):
+                seen += chunk
+        finally:
+            os.close(fd)
+    got = [s.decode() for s in seen if s not in (b".", b"..")]
+    assert len(got) == len(set(got)), "an entry came twice"
+    missing = [n for n in names if n not in changed and n not in got]
+    assert not missing, missing[:5]
