@@ -8,7 +8,8 @@
 - `copyup`: appending one byte to a lower file of 4 KiB .. 1 GiB (the lower data in the page
   cache, so the union's copy is measured, not the disk).
 - `rss`: server memory after a cold `find -printf` over trees of 10k and 100k entries, as bytes
-  per cached inode (FUSE servers only).
+  per cached inode (FUSE servers only); `rss_forgotten`: what is left of that growth after the
+  kernel dropped its dentries and inodes and sent the FORGETs.
 
 Each point is measured `rounds` times, interleaved across backends, on fresh mounts; the median
 is kept. For each curve and backend a least-squares line is fitted and its slope stated, plus the
@@ -355,6 +356,9 @@ def curve_copyup(sc: Scaler, lim: Limits) -> list[Curve]:
 def curve_rss(sc: Scaler, lim: Limits) -> list[Curve]:
     rss = Curve("rss", "server RSS growth during a cold find -printf", "entries walked",
                 "RSS growth (bytes)", "B", slope_unit="bytes per cached inode")
+    kept = Curve("rss_forgotten", "server RSS growth left after the kernel forgot the inodes",
+                 "entries walked", "RSS growth (bytes)", "B",
+                 slope_unit="bytes per forgotten inode")
     fuse = [b for b in sc.backends if b.fuse]
     for n in lim.rss_sizes:
         gs = tree_stack(sc.cache, n)
@@ -368,6 +372,19 @@ def curve_rss(sc: Scaler, lim: Limits) -> list[Curve]:
                 if before is None or after is None:
                     raise BenchError("no RSS reading")
                 rss.add(b.name, n, (after - before) * 1024)
+                # the kernel drops its dentries and inodes and sends FORGETs; give the server
+                # a moment to process them, then see what it still holds
+                drop_caches()
+                left = after
+                for _ in range(20):
+                    time.sleep(0.1)
+                    now = m.sample(requests=False).rss_kib
+                    if now is None:
+                        raise BenchError("no RSS reading")
+                    if now == left and now < after:
+                        break
+                    left = now
+                kept.add(b.name, n, (left - before) * 1024)
 
         saved = sc.backends
         sc.backends = fuse
@@ -375,7 +392,7 @@ def curve_rss(sc: Scaler, lim: Limits) -> list[Curve]:
             sc.each(f"rss entries={n}", one)
         finally:
             sc.backends = saved
-    return [rss]
+    return [rss, kept]
 
 
 CURVES: dict[str, Callable[[Scaler, Limits], list[Curve]]] = {

@@ -42,6 +42,10 @@ class DirInfo(NamedTuple):
 
 _NO_INFO = DirInfo(False, None, None)
 CACHE_MAX = 1 << 18  # entries per read-only-branch cache before it starts over
+# lstat results are the largest cached items (about 600 bytes each): keep a working set, not one
+# per object ever seen, so the server's memory follows what the kernel holds (the kernel caches
+# attributes itself; a readdirplus reads a directory's stats in one pass just before using them)
+STAT_CACHE_MAX = 1 << 13
 
 _DIR = BranchEntry(Kind.DIR)
 _DIR_OPAQUE = BranchEntry(Kind.DIR, opaque=True)
@@ -124,11 +128,34 @@ class Branch:
         if not self.writable:
             st = self._stats.get(rel)
             if st is None:
-                if len(self._stats) >= CACHE_MAX:
+                if len(self._stats) >= STAT_CACHE_MAX:
                     self._stats.clear()
                 st = self._stats[rel] = self._stat(rel)
             return st
         return self._stat(rel)
+
+    def prefetch_stats(self, rel: bytes, names: list[bytes]) -> None:
+        """Remember the lstat of NAMES in directory REL, through one directory fd (read-only
+        branches; a readdirplus is about to look every entry up)."""
+        if self.writable:
+            return
+        todo = [n for n in names if join(rel, n) not in self._stats]
+        if len(todo) < 2 or len(todo) > STAT_CACHE_MAX // 2:
+            return
+        if len(self._stats) + len(todo) >= STAT_CACHE_MAX:
+            self._stats.clear()
+        try:
+            fd = self.open_dir(rel)
+        except OSError:
+            return
+        try:
+            for n in todo:
+                try:
+                    self._stats[join(rel, n)] = os.stat(n, dir_fd=fd, follow_symlinks=False)
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
 
     def stat_after_entry(self, rel: bytes) -> os.stat_result:
         """stat() of the object the latest entry() call just classified, without a syscall

@@ -33,6 +33,7 @@ from .core.formats import (
     DEAD_XATTRS,
     FUSEOVL_OPAQUE,
     NAME_MAX,
+    ORIGIN_XATTRS,
     REDIRECT_XATTRS,
     TRUSTED_OPAQUE,
     USER_OPAQUE,
@@ -41,7 +42,16 @@ from .core.formats import (
     wh_name,
 )
 from .core.readdir import MergedEntry, OffsetListing, merge, with_offsets
-from .core.resolve import BranchEntry, Kind, Resolution, lower_exists, resolve
+from .core.resolve import (
+    BranchEntry,
+    Kind,
+    Resolution,
+    absolute_redirects,
+    lower_exists,
+    redirected_paths,
+    resolve,
+    whiteouts_refuse_removal,
+)
 from .inodes import ROOT_INO, InodeTable, Node
 
 WORK_SUBDIR = "work"
@@ -52,6 +62,29 @@ _PLAIN_DIR = BranchEntry(Kind.DIR)
 
 def _err(code: int) -> OSError:
     return OSError(code, os.strerror(code))
+
+
+def _redirect_xattr(fd: int) -> bytes | None:
+    """The overlay.redirect value of the directory open at FD (not O_PATH), if any."""
+    try:
+        names = os.listxattr(fd)
+    except OSError:
+        return None
+    for n in names:
+        if os.fsencode(n) in REDIRECT_XATTRS:
+            try:
+                return os.getxattr(fd, n)
+            except OSError:
+                return None
+    return None
+
+
+def _has_xattr(fd: int, name: bytes) -> bool:
+    try:
+        os.getxattr(sl.fd_path(fd), name)
+        return True
+    except OSError:
+        return False
 
 
 @dataclass(slots=True)
@@ -90,6 +123,9 @@ class Union:
         self._fh = itertools.count(1)
         self._tmp = itertools.count(1)
         self._nlinks: dict[tuple[int, int], int] = {}
+        # moved directories of each branch (`_redirects`); the upper's entry is dropped whenever
+        # a directory moves there
+        self._redirect_maps: dict[int, dict[bytes, bytes]] = {}
         self.chardev_whiteouts = False
         self.trusted_xattrs = False
         if self.upper is not None:
@@ -366,16 +402,75 @@ class Union:
         key = (branch, ino)
         n = self._nlinks.get(key)
         if n is None:
-            n = 0
-            for path in self.branches[branch].hardlinks(ino):
-                found = self._walk(path)
-                if found is not None:
-                    res, paths = found[2], found[3]
-                    if res.kind is Kind.OTHER and res.branches[0] == branch and \
-                            paths[branch] == path:
-                        n += 1
+            n = len(self._union_names(branch, self.branches[branch].hardlinks(ino)))
             self._nlinks[key] = n = max(n, 1)
         return n
+
+    def _union_names(self, branch: int, paths: list[bytes]) -> list[tuple[Node, bytes]]:
+        """Where the union shows what lower BRANCH holds at PATHS (the names of one hard-linked
+        object there): (directory node, name) for each union name that resolves to one of them.
+
+        A name is first looked for at its own path; one not found there may be shown elsewhere
+        by a moved directory above it (redirect), or be hidden. Only then are the branches above
+        read for moved directories (`redirected_paths`)."""
+        out: list[tuple[Node, bytes]] = []
+        missing: list[bytes] = []
+        for path in paths:
+            hit = self._shows(path, branch, path)
+            if hit is None:
+                missing.append(path)
+            else:
+                out.append(hit)
+        if missing:
+            maps = [self._redirects(b) for b in range(branch - 1, -1, -1)]
+            if any(maps):
+                for path in missing:
+                    for cand in sorted(redirected_paths(path, maps)):
+                        if cand != path:
+                            hit = self._shows(cand, branch, path)
+                            if hit is not None:
+                                out.append(hit)
+        return out
+
+    def _shows(self, union_path: bytes, branch: int, path: bytes) -> tuple[Node, bytes] | None:
+        """(directory node, name) of UNION_PATH if it shows the non-directory BRANCH holds at
+        PATH, else None."""
+        found = self._walk(union_path)
+        if found is None:
+            return None
+        parent, name, res, paths = found
+        if res.kind is Kind.OTHER and res.branches[0] == branch and paths.get(branch) == path:
+            return parent, name
+        return None
+
+    def _redirects(self, index: int) -> dict[bytes, bytes]:
+        """Branch INDEX's moved directories: path -> where the branches below hold its content
+        (`absolute_redirects`). Read once for a lower branch, for the upper again after a
+        directory moved there."""
+        found = self._redirect_maps.get(index)
+        if found is None:
+            branch = self.branches[index]
+            raw: dict[bytes, bytes] = {}
+            todo = [b""]
+            while todo:
+                rel = todo.pop()
+                try:
+                    fd = branch.open_dir(rel, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                         | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                try:
+                    if rel:
+                        value = _redirect_xattr(fd)
+                        if value is not None:
+                            raw[rel] = value
+                    with os.scandir(fd) as it:
+                        todo.extend(join(rel, os.fsencode(de.name)) for de in it
+                                    if de.is_dir(follow_symlinks=False))
+                finally:
+                    os.close(fd)
+            found = self._redirect_maps[index] = absolute_redirects(raw)
+        return found
 
     def merged(self, node: Node) -> list[MergedEntry]:
         """The merged listing of a directory node, in offset order (cached until something
@@ -563,16 +658,9 @@ class Union:
         """Hard links survive copy-up: every other visible name of the lower inode becomes a
         link to the new upper object."""
         assert node.parent is not None and self.upper is not None
-        for other in src.hardlinks(st.st_ino):
-            found = self._walk(other)
-            if found is None:
-                continue
-            parent, name, res, paths = found
+        for parent, name in self._union_names(src.index, src.hardlinks(st.st_ino)):
             if parent is node.parent and name == node.name:
                 continue  # the name the copy was placed at
-            if res.kind is not Kind.OTHER or res.branches[0] != src.index or \
-                    paths[src.index] != other:
-                continue
             self.copy_up(parent)
             spfd = self.upper.open_dir(node.parent.path())
             dpfd = self.upper.open_dir(parent.path())
@@ -805,6 +893,8 @@ class Union:
             raise _err(errno.ENOTEMPTY)
         in_upper = res.branches[0] == 0 and self.upper is not None
         below = lower_exists(entries)
+        if is_dir and self._whiteouts_refuse(node, below, replaced=False):
+            raise _err(errno.ENOTEMPTY)
         pfd = self._upper_dir(parent)
         try:
             if below:
@@ -816,6 +906,23 @@ class Union:
             os.close(pfd)
         self._changed(parent, name)
         self._after_unlink(node, parent, name)
+
+    def _whiteouts_refuse(self, node: Node, lower_below: bool, replaced: bool) -> bool:
+        """Whether directory NODE (its merged view empty) cannot be removed or replaced because
+        of whiteouts left in its upper directory (kernel overlayfs' rule for "pure upper"
+        directories, see `whiteouts_refuse_removal`)."""
+        if self.upper is None or not node.upper or node.lowers:
+            return False
+        lst = self.upper.listing(node.path())
+        holds = bool(lst.hidden) or any(e.kind is Kind.WHITEOUT for e in lst.entries.values())
+        if not whiteouts_refuse_removal(True, False, holds, lower_below, replaced):
+            return False  # decided without reading the origin mark
+        fd = self._opath(node)
+        try:
+            copied_up = any(_has_xattr(fd, n) for n in ORIGIN_XATTRS)
+        finally:
+            os.close(fd)
+        return whiteouts_refuse_removal(True, copied_up, holds, lower_below, replaced)
 
     def _after_unlink(self, node: Node, parent: Node, name: bytes) -> None:
         if node.is_dir or not node.drop_name(parent, name):
@@ -862,7 +969,8 @@ class Union:
                 raise _err(errno.ENOTDIR)
             if not s_dir and dnode.is_dir:
                 raise _err(errno.EISDIR)
-            if dnode.is_dir and self.merged(dnode):
+            if dnode.is_dir and (self.merged(dnode) or self._whiteouts_refuse(
+                    dnode, lower_exists(dentries), replaced=True)):
                 raise _err(errno.ENOTEMPTY)
         self.copy_up(snode)
         redirected = s_dir and bool(snode.lowers)
@@ -920,6 +1028,8 @@ class Union:
                 os.close(dpfd)
         finally:
             os.close(spfd)
+        if s_dir:
+            self._redirect_maps.pop(0, None)  # moved directories below it have new paths
         if dnode is not None:
             self._after_unlink(dnode, np, new_name)
         snode.move_name(op, old_name, np, new_name)
@@ -997,6 +1107,8 @@ class Union:
                 os.close(bpfd)
         finally:
             os.close(apfd)
+        if a.is_dir or b.is_dir:
+            self._redirect_maps.pop(0, None)  # a redirect was set, directories moved
         a.move_name(op, on, np, nn)
         b.move_name(np, nn, op, on)
         self._changed(op, on)

@@ -159,13 +159,15 @@ def test_scaling_smoke(bench_cache: Path, installed_backends: list[str]) -> None
     fs = [b for b in ("native", "unionfs", "fuse-overlayfs") if b in installed_backends]
     _, curves = scaling.run_scaling(fs, ["copyup", "rss"], "tiny", 1, bench_cache, quiet=True)
     names = {c.name for c in curves}
-    assert names == {"copyup", "rss"}
+    assert names == {"copyup", "rss", "rss_forgotten"}
     cu = next(c for c in curves if c.name == "copyup")
     assert set(cu.points) == set(fs)
     for series in cu.points.values():
         assert set(series) == set(scaling.LIMITS["tiny"].copyup_sizes)
     rss = next(c for c in curves if c.name == "rss")
     assert set(rss.points) == {b for b in fs if bk.BACKENDS[b].fuse}
+    left = next(c for c in curves if c.name == "rss_forgotten")
+    assert set(left.points) == set(rss.points)
     text = scaling.render_curves(curves)
     assert "slope" in text and "bytes per cached inode" in text
     json.dumps([c.to_json() for c in curves])

@@ -16,7 +16,15 @@ from unionfs.core.formats import (
     whiteout_target,
 )
 from unionfs.core.readdir import Listing, merge
-from unionfs.core.resolve import BranchEntry, Kind, lower_exists, resolve
+from unionfs.core.resolve import (
+    BranchEntry,
+    Kind,
+    absolute_redirects,
+    lower_exists,
+    redirected_paths,
+    resolve,
+    whiteouts_refuse_removal,
+)
 
 NAMES = [b"a", b"b", b"c", b"d"]
 
@@ -107,3 +115,30 @@ def test_check_name_accepts_every_byte_but_slash_and_nul(name: bytes) -> None:
         assert code == errno.EINVAL
     else:
         assert code == 0
+
+
+def test_absolute_redirects_follow_moved_ancestors() -> None:
+    # relative values name a sibling in the parent's lower directory, which a moved ancestor
+    # determines; absolute ones stand alone (trailing NULs as some writers leave them)
+    got = absolute_redirects({b"x": b"/a/b\0", b"x/s": b"t", b"x/u/v": b"w", b"y/z": b"/q"})
+    assert got == {b"x": b"a/b", b"x/s": b"a/b/t", b"x/u/v": b"a/b/u/w", b"y/z": b"q"}
+
+
+def test_redirected_paths_through_moves_in_several_branches() -> None:
+    # the branch holds d/f; the one above moved d to e, the top one moved e to g/h
+    got = redirected_paths(b"d/f", [{b"e": b"d"}, {b"g/h": b"e"}, {}])
+    assert got == {b"d/f", b"e/f", b"g/h/f"}
+    assert redirected_paths(b"dd/f", [{b"e": b"d"}]) == {b"dd/f"}  # a prefix by name only
+    assert redirected_paths(b"f", [{b"r": b""}]) == {b"f", b"r/f"}  # a move of the root's content
+
+
+def test_whiteouts_refuse_removal_only_for_pure_upper_directories() -> None:
+    def refuse(upper_only: bool = True, copied_up: bool = False, holds: bool = True,
+               below: bool = False, replaced: bool = False) -> bool:
+        return whiteouts_refuse_removal(upper_only, copied_up, holds, below, replaced)
+
+    assert refuse() and refuse(replaced=True) and refuse(below=True, replaced=True)
+    assert not refuse(below=True)  # rmdir leaves a whiteout: overlayfs clears the directory
+    assert not refuse(upper_only=False, replaced=True)
+    assert not refuse(copied_up=True, replaced=True)
+    assert not refuse(holds=False, replaced=True)

@@ -281,11 +281,12 @@ def upper_meaning(upper: Path, lower_view: dict[str, Snap]) -> dict[str, tuple[o
     directories and `.wh.NAME` are whiteouts; `opaque=y` xattrs and `.wh..wh..opq` mark opaque
     directories; a `trusted.overlay.redirect` directory (overlayfs `redirect_dir=on`) is expanded
     into the equivalent opaque directory holding the full content of the lower directory it
-    redirects to. Things without meaning on these lowers are dropped: whiteouts that hide
-    nothing, opaque marks on directories with no lower directory, anything below an opaque
-    directory that only an encoding would need, and entries identical to what the lowers show at
-    the same path (copy-up without a change: only an efficiency difference). Directories are
-    kept when they have content or differ from the lower directory.
+    redirects to (files that are hard links of each other there form a hard-link group, as
+    copies linked in the upper would). Things without meaning on these lowers are dropped:
+    whiteouts that hide nothing, opaque marks on directories with no lower directory, anything
+    below an opaque directory that only an encoding would need, and entries identical to what
+    the lowers show at the same path (copy-up without a change: only an efficiency difference).
+    Directories are kept when they have content or differ from the lower directory.
     """
     raw = snapshot(upper, raw=True)
     kids: dict[str, list[str]] = {}
@@ -297,7 +298,9 @@ def upper_meaning(upper: Path, lower_view: dict[str, Snap]) -> dict[str, tuple[o
         if p:
             lower_kids.setdefault(p.rpartition("/")[0], []).append(p.rpartition("/")[2])
     out: dict[str, tuple[object, ...]] = {}
-    groups: dict[int, list[str]] = {}
+    # hard-link groups: files of the upper by their inode there, files a redirect expands by
+    # their inode in the lower view (the link is the lowers' own, carried by the redirect)
+    groups: dict[tuple[str, int], list[str]] = {}
 
     def file_meaning(s: Snap) -> tuple[object, ...]:
         return (s.kind, s.attrs())
@@ -311,6 +314,8 @@ def upper_meaning(upper: Path, lower_view: dict[str, Snap]) -> dict[str, tuple[o
                 synth(_join(lp, n), _join(mp, n))
         else:
             out[mp] = (*file_meaning(s), ())
+            if s.kind == "reg":
+                groups.setdefault(("lower", s.ino), []).append(mp)
 
     def visit(mp: str, lp: str | None, natural: bool) -> bool:
         """Directory `mp` of the upper merges the lower directory `lp` (None: none). `natural`:
@@ -355,7 +360,7 @@ def upper_meaning(upper: Path, lower_view: dict[str, Snap]) -> dict[str, tuple[o
                     continue
                 out[cm] = (*file_meaning(s), ())
                 if s.kind == "reg":
-                    groups.setdefault(s.ino, []).append(cm)
+                    groups.setdefault(("upper", s.ino), []).append(cm)
                 kept = True
                 continue
             opaque = (_xattr(s, OPAQUE_XATTRS) == b"y"

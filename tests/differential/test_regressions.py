@@ -200,3 +200,54 @@ def test_hard_link_renamed_then_written_after_remounts() -> None:
         ("write", {"path": "e", "offset": 0, "data": Blob(38, 15)}),
         ("stat", {"path": "a/a/a", "follow": False}),
     ])
+
+
+@pytest.mark.parametrize("oci", [False, True], ids=["xattr", "oci"])
+def test_whiteouts_left_in_an_upper_only_directory(oci: bool) -> None:
+    # found by the state machine (OCI layers): rename over an opaque upper directory holding a
+    # whiteout -> unionfs ok, overlayfs ENOTEMPTY. Overlayfs removes or replaces a "pure upper"
+    # directory (upper only, not copied up) with the plain system call, skipping the emptiness
+    # check that clears whiteouts: rename over it always fails, rmdir when nothing is below it
+    stack = Stack([Layer({"c": Dir(), "c/a": File(), "d": Dir(), "l": Dir(), "l/f": File()})],
+                  Layer({"s": Dir(), "c": Dir(0o555, opaque=True), "c/a": Whiteout(),
+                         "n": Dir(opaque=True), "n/z": Whiteout(), "m": Dir(),
+                         "m/z": Whiteout(), "d": Dir(opaque=True), "d/z": Whiteout()}))
+    replay(stack, [
+        ("rename", {"src": "s", "dst": "c", "flags": 0}),
+        ("rename", {"src": "l", "dst": "c", "flags": 0}),
+        ("rename", {"src": "s", "dst": "m", "flags": 0}),
+        ("rmdir", {"path": "n"}),
+        ("rmdir", {"path": "m"}),
+        ("rmdir", {"path": "d"}),
+        ("rename", {"src": "s", "dst": "n", "flags": 2}),
+        ("rmdir", {"path": "c"}),
+        ("rename", {"src": "n", "dst": "c", "flags": 0}),
+        ("readdir", {"path": ""}),
+    ], oci=oci)
+
+
+@pytest.mark.parametrize("exchange", [False, True], ids=["rename", "exchange"])
+def test_hard_links_below_a_moved_lower_directory(exchange: bool) -> None:
+    # found by the state machine: after rename(src='é x', dst='b', flags=2) of a lower file and
+    # a lower directory holding two names of one file, both names showed st_nlink 1 (the names
+    # were looked for at their lower paths, which the move hides), and a copy-up did not link
+    # the other name. The redirect carries the link: overlayfs' upper holds no copies either
+    lower = {"b": Dir(), "b/a": File(Blob(1, 10)), "b/b": HardLink("b/a"), "b/c": File(),
+             "h": HardLink("b/c")}
+    if exchange:
+        lower["x"] = File()
+    replay(Stack([Layer(lower)]), [
+        ("rename", {"src": "x" if exchange else "b", "dst": "b" if exchange else "x",
+                    "flags": 2 if exchange else 0}),
+        ("stat", {"path": "x/a", "follow": False}),
+        ("stat", {"path": "x/c", "follow": False}),
+        ("remount", {}),
+        ("stat", {"path": "x/b", "follow": False}),
+        ("write", {"path": "x/a", "offset": 2, "data": Blob(2, 5)}),
+        ("read", {"path": "x/b"}),
+        ("append", {"path": "h", "data": Blob(3, 4)}),
+        ("read", {"path": "x/c"}),
+        ("remount", {}),
+        ("stat", {"path": "x/a", "follow": False}),
+        ("read", {"path": "x/c"}),
+    ])

@@ -29,6 +29,9 @@ FUSEOVL_OPAQUE = b"user.fuseoverlayfs.opaque"
 OPAQUE_XATTRS = (TRUSTED_OPAQUE, USER_OPAQUE, FUSEOVL_OPAQUE)
 WHITEOUT_XATTRS = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
 REDIRECT_XATTRS = (b"trusted.overlay.redirect", b"user.overlay.redirect")
+# set by kernel overlayfs on what it copied up: such a directory "may hold whiteouts" even when
+# nothing lies below it any more (overlayfs' OVL_WHITEOUTS), see resolve.whiteouts_refuse_removal
+ORIGIN_XATTRS = (b"trusted.overlay.origin", b"user.overlay.origin")
 # unionfs' own marker for a directory that is logically deleted while it waits, under the name
 # given as its value (a path from the branch root), to be disposed of: it reads as a whiteout
 # there. It only ever exists between two steps of a rename, so a crash cannot uncover anything.

@@ -90,6 +90,7 @@ class OffsetListing:
 
     offsets: list[int]
     entries: list[MergedEntry]
+    prefetched: bool = False  # the executor has read the entries' attributes in one pass
 
     def start(self, offset: int) -> int:
         """Index of the first entry a reader resuming at OFFSET has not seen."""

@@ -15,7 +15,7 @@ directory into one answer:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -102,3 +102,66 @@ def lower_exists(entries: Iterable[tuple[int, BranchEntry]], upper: int = 0) -> 
             continue
         below.append((branch, e))
     return resolve(below).kind is not Kind.MISSING
+
+
+def whiteouts_refuse_removal(upper_only: bool, copied_up: bool, holds_whiteouts: bool,
+                             lower_below: bool, replaced: bool) -> bool:
+    """Whether removing (rmdir) or replacing (rename over it) a directory whose merged view is
+    empty must fail with ENOTEMPTY because of the whiteouts its upper directory still holds.
+
+    Kernel overlayfs' rule (fs/overlayfs/dir.c): a "pure upper" directory, one that only the
+    upper branch holds (nothing below, or opaque) and that was not copied up (no
+    ``overlay.origin``), is removed or replaced with the plain system call on the upper
+    directory, without overlayfs' emptiness check that clears whiteouts first; whiteouts in it
+    (which hide nothing) then make that call fail. rmdir takes that path only when nothing lies
+    below the name (else it leaves a whiteout, clearing the directory first); rename always.
+    Overlayfs never leaves whiteouts in such a directory itself; they come from hand-made or
+    converted (OCI) layers.
+    """
+    if not upper_only or copied_up or not holds_whiteouts:
+        return False
+    return replaced or not lower_below
+
+
+def absolute_redirects(redirects: Mapping[bytes, bytes]) -> dict[bytes, bytes]:
+    """One branch's moved directories (path in the branch -> ``overlay.redirect`` value) as
+    path -> where the branches below hold the directory's content (a path from their root).
+
+    An absolute value is that path; a relative one names a sibling in the parent's own lower
+    directory, which is where the parent's nearest moved ancestor (if any) leads."""
+
+    def lower_path(rel: bytes) -> bytes:
+        v = redirects.get(rel)
+        if v is not None:
+            v = v.rstrip(b"\0")
+            if v.startswith(b"/"):
+                return v.strip(b"/")
+        parent, _, name = rel.rpartition(b"/")
+        base = lower_path(parent) if parent else b""
+        name = v if v else name
+        return base + b"/" + name if base else name
+
+    return {rel: lower_path(rel) for rel in redirects if rel}
+
+
+def redirected_paths(path: bytes, redirects: Sequence[Mapping[bytes, bytes]]) -> set[bytes]:
+    """The union paths that may show what a branch holds at PATH, moved directories considered.
+
+    REDIRECTS: for each branch above that one, nearest first, its moved directories as
+    `absolute_redirects` gives them. A directory moved in a branch shows, under its new path,
+    what the branches below show under its target; so a path below a target also appears below
+    the moved directory. These are candidates (whiteouts, opaque directories and names in
+    between may still hide them): the caller resolves each one."""
+    paths = {path}
+    for layer in redirects:
+        if not layer:
+            continue
+        more = set()
+        for p in paths:
+            for moved, target in layer.items():
+                if not target:
+                    more.add(moved + b"/" + p)
+                elif p.startswith(target + b"/"):
+                    more.add(moved + p[len(target):])
+        paths |= more
+    return paths
