@@ -123,6 +123,10 @@ class Union:
         self._fh = itertools.count(1)
         self._tmp = itertools.count(1)
         self._nlinks: dict[tuple[int, int], int] = {}
+        # While the upper branch is empty, nothing this mount did hides a name of a lower hard
+        # link, and lower link counts are reported as they are (as overlayfs does), without
+        # `_visible_links`' walk of the whole branch: container start stays cheap.
+        self._upper_pristine = config.upper is None or not os.listdir(config.upper)
         # moved directories of each branch (`_redirects`); the upper's entry is dropped whenever
         # a directory moves there
         self._redirect_maps: dict[int, dict[bytes, bytes]] = {}
@@ -392,7 +396,7 @@ class Union:
             return 0
         if node.is_dir and (len(node.lowers) + node.upper) > 1:
             return 2 + sum(1 for m in self.merged(node) if m.is_dir)
-        if st.st_nlink > 1 and not node.upper and node.lowers:
+        if st.st_nlink > 1 and not node.upper and node.lowers and not self._upper_pristine:
             return self._visible_links(node.lowers[0][0], st.st_ino)
         return st.st_nlink
 
@@ -492,6 +496,7 @@ class Union:
         """NAMES in directory NODE changed (all of it when none is given): drop what was cached
         about them. No operation changes what a name means without passing here."""
         node.merged = None
+        self._upper_pristine = False
         if self._nlinks:
             self._nlinks.clear()
         children = node.children
@@ -617,6 +622,7 @@ class Union:
         if node.upper:
             return
         upper = self._need_upper()
+        self._upper_pristine = False
         parent = node.parent
         assert parent is not None, "the root always exists in the upper branch"
         self.copy_up(parent)

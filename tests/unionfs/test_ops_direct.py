@@ -167,3 +167,21 @@ async def test_lookup_counts_and_forget(env: Env) -> None:
     # a later lookup gets the same number: inode numbers are stable for the mount's life
     assert await _lookup(ops, pyfuse3.ROOT_INODE, b"f") == ino
     await ops.forget([(ino, 1)])
+
+
+async def test_link_counts_of_lower_hard_links_need_no_branch_walk_until_the_upper_changes(
+        env: Env) -> None:
+    write(env.lower / "d" / "f", b"x")
+    os.link(env.lower / "d" / "f", env.lower / "e")
+    write(env.lower / "other", b"y")
+    ops = env.start()
+    lower = ops.union.branches[1]
+    d = await _lookup(ops, pyfuse3.ROOT_INODE, b"d")
+    f = await ops.lookup(d, b"f", CTX)
+    assert f.st_nlink == 2
+    assert lower._links is None  # the upper is empty: the count is the branch's, as in overlayfs
+    # once the upper holds something, names may be hidden there: counts are the union's names
+    await ops.unlink(pyfuse3.ROOT_INODE, b"e", CTX)
+    assert (await ops.getattr(f.st_ino, CTX)).st_nlink == 1
+    assert lower._links is not None
+    await ops.forget([(f.st_ino, 1)])
