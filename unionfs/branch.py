@@ -110,6 +110,14 @@ class Branch:
         finally:
             os.close(fd)
 
+    def drop_caches(self) -> None:
+        """Forget everything learnt about this branch (read again on demand)."""
+        self._listings.clear()
+        self._dirinfo.clear()
+        self._stats.clear()
+        self._links = None
+        self._last = None
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -89,10 +89,11 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         self.dircache = dircache
 
     def stats(self) -> dict[str, Any]:
-        """Request counts per handler (when counting), handler bugs, and CPU seconds so far."""
+        """Request counts per handler (when counting), handler bugs, CPU seconds so far, and how
+        many inodes the kernel holds."""
         ru = resource.getrusage(resource.RUSAGE_SELF)
         return {"requests": dict(self.requests), "bugs": self.bugs,
-                "cpu_s": ru.ru_utime + ru.ru_stime}
+                "cpu_s": ru.ru_utime + ru.ru_stime, "nodes": len(self.union.inodes.nodes)}
 
     # --- translation helpers ---------------------------------------------------------
     def _attr(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
@@ -122,7 +123,15 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
     @_translating
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
                      ) -> pyfuse3.EntryAttributes:
-        node, st = self.union.lookup(parent_inode, name)
+        try:
+            node, st = self.union.lookup(parent_inode, name)
+        except FileNotFoundError:
+            # a negative entry (inode 0) that the kernel may keep for the timeout: every change
+            # that can make the name appear is an operation on it, which drops the entry
+            a = pyfuse3.EntryAttributes()
+            a.st_ino = 0
+            a.entry_timeout = self.timeout
+            return a
         return self._attr(node, st)
 
     @_translating

@@ -71,3 +71,10 @@ def ficlone(dst_fd: int, src_fd: int) -> None:
 def fd_path(fd: int) -> str:
     """The /proc magic link of FD: lets path-only calls (xattrs, chmod) act on an O_PATH fd."""
     return f"/proc/self/fd/{fd}"
+
+
+def malloc_trim() -> None:
+    """Hand free heap memory back to the system (glibc); a no-op elsewhere."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)

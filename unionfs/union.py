@@ -60,6 +60,10 @@ O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _PLAIN_DIR = BranchEntry(Kind.DIR)
 
 
+# `shrink` once the kernel holds fewer than a quarter of at least this many inodes
+SHRINK_MIN_NODES = 4096
+
+
 def _err(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
@@ -123,6 +127,8 @@ class Union:
         self._fh = itertools.count(1)
         self._tmp = itertools.count(1)
         self._nlinks: dict[tuple[int, int], int] = {}
+        self._resolutions: dict[Resolution, Resolution] = {}  # one shared object per value
+        self._peak_nodes = 0  # most inodes the kernel held since the last `shrink`
         # While the upper branch is empty, nothing this mount did hides a name of a lower hard
         # link, and lower link counts are reported as they are (as overlayfs does), without
         # `_visible_links`' walk of the whole branch: container start stays cheap.
@@ -354,16 +360,24 @@ class Union:
     def _lookup_child(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
         # Which branches hold a name changes only through operations on its directory, which
         # drop the cache (`_changed`); attributes of upper objects are always read afresh.
+        # A name whose paths are the parent's paths plus the name (no moved directory on the
+        # way) is cached as its shared Resolution alone; others keep their paths too. Memory per
+        # cached name is then one dict slot.
         children = parent.children
         hit = children.get(name) if children is not None else None
         if hit is not None:
             res: Resolution
             paths: dict[int, bytes]
-            res, paths = hit  # type: ignore[misc]
-            if 0 in paths and self.upper is not None:
-                # the directory may have moved since: the upper path follows it (lower paths
-                # are where the content comes from, which a move does not change)
-                paths = {**paths, 0: join(parent.path(), name)}
+            if isinstance(hit, Resolution):
+                res = hit
+                rels = {b.index: rel for b, rel in self.layers(parent)}
+                paths = {b: join(rels[b], name) for b in res.branches}
+            else:
+                res, paths = hit  # type: ignore[misc]
+                if 0 in paths and self.upper is not None:
+                    # the directory may have moved since: the upper path follows it (lower
+                    # paths are where the content comes from, which a move does not change)
+                    paths = {**paths, 0: join(parent.path(), name)}
             top = res.branches[0]
             return self._node_for(parent, name, res, paths,
                                   st=self.branches[top].stat(paths[top]))
@@ -372,11 +386,36 @@ class Union:
             raise _err(errno.ENOENT)
         if children is None:
             children = parent.children = {}
-        children[name] = (res, paths)
+        rels = {b.index: rel for b, rel in self.layers(parent)}
+        if all(b in rels and paths.get(b) == join(rels[b], name) for b in res.branches):
+            children[name] = self._resolutions.setdefault(res, res)
+        else:
+            children[name] = (res, paths)
         return self._node_for(parent, name, res, paths)
 
     def forget(self, ino: int, count: int) -> None:
         self.inodes.forget(ino, count)
+        n = len(self.inodes.nodes)
+        if n > self._peak_nodes:
+            self._peak_nodes = n
+        elif self._peak_nodes >= SHRINK_MIN_NODES and n * 4 < self._peak_nodes:
+            self.shrink()
+
+    def shrink(self) -> None:
+        """Drop what is cached about names and lower branches (it is read again on demand).
+
+        Done when the kernel has forgotten most of the inodes it held: the cached listings were
+        allocated among the nodes just freed and would keep their memory pages in use, so the
+        server could not return to its baseline."""
+        self._peak_nodes = len(self.inodes.nodes)
+        for b in self.branches:
+            b.drop_caches()
+        for node in self.inodes.nodes.values():
+            node.children = None
+            node.merged = None
+        self._nlinks.clear()
+        self._redirect_maps.clear()
+        sl.malloc_trim()
 
     def _stat(self, node: Node) -> os.stat_result:
         if node.unlinked:

@@ -130,11 +130,18 @@ def _server_pids(mnt: Path) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return not f.read().split(") ")[1].startswith("Z")
+    except FileNotFoundError:
+        return False
+
+
 def _wait_gone(pids: list[int], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and
-                 not open(f"/proc/{p}/stat").read().split(") ")[1].startswith("Z")]
+        alive = [p for p in pids if _running(p)]
         if not alive:
             return
         time.sleep(0.05)

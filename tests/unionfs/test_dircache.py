@@ -1,4 +1,5 @@
-"""Kernel-cached directory listings (`dircache`) and stateless readdir, on real mounts.
+"""What the kernel caches for unionfs: directory listings (`dircache`, with stateless readdir)
+and negative lookups, on real mounts.
 
 With dircache on, unionfs answers the first opendir with ENOSYS and the kernel caches listings;
 these tests check that warm walks really reach no handler, that every change is seen through the
@@ -168,3 +169,31 @@ def test_a_reader_resuming_after_changes_sees_every_stable_entry_once(stack: Sta
     assert len(got) == len(set(got)), "an entry came twice"
     missing = [n for n in names if n not in changed and n not in got]
     assert not missing, missing[:5]
+
+
+def test_missing_names_are_cached_negatively_and_appear_when_created(
+        stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(stack.lowers[1] / "d" / "low", "1")
+    stats = tmp_path / "stats.json"
+    monkeypatch.setenv("UNIONFS_STATS_FILE", str(stats))
+    seq = [0]
+    with stack.mount() as m:
+        d = stack.mnt / "d"
+        names = ["f", "g", "h", "s", "n", "e"]
+        for _ in range(3):
+            for n in names:
+                assert not os.path.lexists(d / n)
+        counts = requests(m, stats, seq)
+        assert counts.get("lookup", 0) <= len(names) + 2  # once per name, not three times
+        (d / "f").write_text("f")
+        os.mkdir(d / "g")
+        os.rename(d / "low", d / "h")
+        os.symlink("f", d / "s")
+        os.link(d / "f", d / "n")
+        os.mknod(d / "e", 0o600 | 0o010000)  # a fifo
+        assert sorted(os.listdir(d)) == sorted(names)
+        for n in names:
+            assert os.path.lexists(d / n)
+        assert not os.path.lexists(d / "low")
+        os.unlink(d / "f")
+        assert not os.path.lexists(d / "f") and (d / "n").read_text() == "f"

@@ -117,8 +117,9 @@ async def test_errors_are_fuse_errors(env: Env) -> None:
     (env.lower / "dir").mkdir()
     ops = env.start()
     root = pyfuse3.ROOT_INODE
+    # a missing name is a negative entry the kernel may cache, not an error
+    assert (await ops.lookup(root, b"missing", CTX)).st_ino == 0
     cases = [
-        (ops.lookup(root, b"missing", CTX), errno.ENOENT),
         (ops.lookup(root, b"x" * 256, CTX), errno.ENAMETOOLONG),
         (ops.unlink(root, b"dir", CTX), errno.EISDIR),
         (ops.rmdir(root, b"f", CTX), errno.ENOTDIR),
@@ -185,3 +186,33 @@ async def test_link_counts_of_lower_hard_links_need_no_branch_walk_until_the_upp
     assert (await ops.getattr(f.st_ino, CTX)).st_nlink == 1
     assert lower._links is not None
     await ops.forget([(f.st_ino, 1)])
+
+
+async def test_caches_go_when_the_kernel_forgets_most_inodes(env: Env) -> None:
+    from unionfs.union import SHRINK_MIN_NODES
+    n = SHRINK_MIN_NODES + 100
+    for i in range(n):
+        write(env.lower / f"d{i % 50}" / f"f{i}", b"")
+    ops = env.start()
+    union, lower = ops.union, ops.union.branches[1]
+    seen: list[int] = []
+    for d in range(50):
+        dino = await _lookup(ops, pyfuse3.ROOT_INODE, b"d%d" % d)
+        seen.append(dino)
+        for e in union.readdir(dino).entries:
+            seen.append((await ops.lookup(dino, e.name, CTX)).st_ino)
+    assert len(union.inodes.nodes) == n + 51
+    assert lower._listings and lower._stats
+    # the kernel forgets the first half: caches stay (it may come back for them)
+    await ops.forget([(i, 1) for i in seen[: len(seen) // 2]])
+    assert lower._listings and union.inodes.nodes[pyfuse3.ROOT_INODE].children
+    # ... and then nearly all of it: what was learnt about the branches goes too
+    await ops.forget([(i, 1) for i in seen[len(seen) // 2:]])
+    assert len(union.inodes.nodes) == 1
+    assert not lower._listings and not lower._stats
+    assert union.inodes.nodes[pyfuse3.ROOT_INODE].children is None
+    # and is learnt again on demand
+    d7 = await _lookup(ops, pyfuse3.ROOT_INODE, b"d7")
+    assert sorted(e.name for e in union.readdir(d7).entries) == sorted(
+        b"f%d" % i for i in range(n) if i % 50 == 7)
+    await ops.forget([(d7, 1)])
