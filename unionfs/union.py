@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import errno
+import gc
 import itertools
 import os
 import stat
@@ -415,6 +416,7 @@ class Union:
             node.merged = None
         self._nlinks.clear()
         self._redirect_maps.clear()
+        gc.collect()  # cyclic garbage of past requests (exception tracebacks) waits for gen 2
         sl.malloc_trim()
 
     def _stat(self, node: Node) -> os.stat_result:
