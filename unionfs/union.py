@@ -130,10 +130,11 @@ class Union:
         self._nlinks: dict[tuple[int, int], int] = {}
         self._resolutions: dict[Resolution, Resolution] = {}  # one shared object per value
         self._peak_nodes = 0  # most inodes the kernel held since the last `shrink`
-        # While the upper branch is empty, nothing this mount did hides a name of a lower hard
-        # link, and lower link counts are reported as they are (as overlayfs does), without
-        # `_visible_links`' walk of the whole branch: container start stays cheap.
-        self._upper_pristine = config.upper is None or not os.listdir(config.upper)
+        # Until the upper branch hides a name of a lower hard link (unlinked or replaced through
+        # this mount, or an upper of unknown history), lower link counts are reported as the
+        # branch has them (as overlayfs does), without `_visible_links`' walk of the whole
+        # branch: stat of hard-linked files in a container stays cheap.
+        self._links_hidden = config.upper is not None and bool(os.listdir(config.upper))
         # moved directories of each branch (`_redirects`); the upper's entry is dropped whenever
         # a directory moves there
         self._redirect_maps: dict[int, dict[bytes, bytes]] = {}
@@ -437,7 +438,7 @@ class Union:
             return 0
         if node.is_dir and (len(node.lowers) + node.upper) > 1:
             return 2 + sum(1 for m in self.merged(node) if m.is_dir)
-        if st.st_nlink > 1 and not node.upper and node.lowers and not self._upper_pristine:
+        if st.st_nlink > 1 and not node.upper and node.lowers and self._links_hidden:
             return self._visible_links(node.lowers[0][0], st.st_ino)
         return st.st_nlink
 
@@ -537,7 +538,6 @@ class Union:
         """NAMES in directory NODE changed (all of it when none is given): drop what was cached
         about them. No operation changes what a name means without passing here."""
         node.merged = None
-        self._upper_pristine = False
         if self._nlinks:
             self._nlinks.clear()
         children = node.children
@@ -663,7 +663,6 @@ class Union:
         if node.upper:
             return
         upper = self._need_upper()
-        self._upper_pristine = False
         parent = node.parent
         assert parent is not None, "the root always exists in the upper branch"
         self.copy_up(parent)
@@ -935,10 +934,11 @@ class Union:
             raise _err(errno.ENOTDIR)
         if not want_dir and is_dir:
             raise _err(errno.EISDIR)
-        node, _st = self._node_for(parent, name, res, paths, register=False)
+        node, st = self._node_for(parent, name, res, paths, register=False)
         if is_dir and self.merged(node):
             raise _err(errno.ENOTEMPTY)
         in_upper = res.branches[0] == 0 and self.upper is not None
+        self._hiding(node, st)
         below = lower_exists(entries)
         if is_dir and self._whiteouts_refuse(node, below, replaced=False):
             raise _err(errno.ENOTEMPTY)
@@ -953,6 +953,13 @@ class Union:
             os.close(pfd)
         self._changed(parent, name)
         self._after_unlink(node, parent, name)
+
+    def _hiding(self, node: Node, st: os.stat_result) -> None:
+        """NODE's name is about to go (unlinked or replaced): if it is a name of a hard-linked
+        lower object, link counts must from now on count the names the union shows."""
+        if not node.is_dir and not node.upper and st.st_nlink > 1 and not self._links_hidden:
+            self._links_hidden = True
+            self._nlinks.clear()
 
     def _whiteouts_refuse(self, node: Node, lower_below: bool, replaced: bool) -> bool:
         """Whether directory NODE (its merged view empty) cannot be removed or replaced because
@@ -1019,6 +1026,7 @@ class Union:
             if dnode.is_dir and (self.merged(dnode) or self._whiteouts_refuse(
                     dnode, lower_exists(dentries), replaced=True)):
                 raise _err(errno.ENOTEMPTY)
+            self._hiding(dnode, self._stat(dnode))
         self.copy_up(snode)
         redirected = s_dir and bool(snode.lowers)
         if redirected:

@@ -170,7 +170,7 @@ async def test_lookup_counts_and_forget(env: Env) -> None:
     await ops.forget([(ino, 1)])
 
 
-async def test_link_counts_of_lower_hard_links_need_no_branch_walk_until_the_upper_changes(
+async def test_link_counts_of_lower_hard_links_need_no_branch_walk_until_one_is_hidden(
         env: Env) -> None:
     write(env.lower / "d" / "f", b"x")
     os.link(env.lower / "d" / "f", env.lower / "e")
@@ -180,8 +180,14 @@ async def test_link_counts_of_lower_hard_links_need_no_branch_walk_until_the_upp
     d = await _lookup(ops, pyfuse3.ROOT_INODE, b"d")
     f = await ops.lookup(d, b"f", CTX)
     assert f.st_nlink == 2
-    assert lower._links is None  # the upper is empty: the count is the branch's, as in overlayfs
-    # once the upper holds something, names may be hidden there: counts are the union's names
+    # writing elsewhere (copy-up, new files, removing other files) hides no name of a hard link
+    info, attr = await ops.create(d, b"new", 0o644, os.O_WRONLY, CTX)
+    await ops.release(info.fh)
+    await ops.unlink(pyfuse3.ROOT_INODE, b"other", CTX)
+    await ops.forget([(attr.st_ino, 1)])
+    assert (await ops.getattr(f.st_ino, CTX)).st_nlink == 2
+    assert lower._links is None  # the count is the branch's, as in overlayfs: no walk
+    # a name of the hard link goes: counts are the union's names from now on
     await ops.unlink(pyfuse3.ROOT_INODE, b"e", CTX)
     assert (await ops.getattr(f.st_ino, CTX)).st_nlink == 1
     assert lower._links is not None
