@@ -28,7 +28,7 @@ fi
 # third_party/README.md); built from the verified upstream sdist before anything pulls upstream's.
 PYFUSE3_VERSION=3.5.0
 PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-PYFUSE3_PATCH=third_party/pyfuse3-$PYFUSE3_VERSION-inode-dir-handles.patch
+PYFUSE3_PATCH=third_party/pyfuse3-$PYFUSE3_VERSION-unionfs.patch
 PYFUSE3_LOCAL=$PYFUSE3_VERSION+unionfs.$(sha256sum "$PYFUSE3_PATCH" | cut -c1-8)
 have=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("pyfuse3"))' \
        2>/dev/null || true)

@@ -74,6 +74,9 @@ def enable_dircache() -> None:
 class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
     supports_dot_lookup = True
     enable_acl = False
+    # the kernel keeps symlink targets (the patched pyfuse3 asks for FUSE_CAP_CACHE_SYMLINKS): a
+    # symlink's target never changes, a new target is a new symlink, so a new inode
+    enable_symlink_cache = True
 
     def __init__(self, union: Union, timeout: float, writeback: bool = True,
                  debug: bool = False, count_requests: bool = False,

@@ -197,3 +197,23 @@ def test_missing_names_are_cached_negatively_and_appear_when_created(
         assert not os.path.lexists(d / "low")
         os.unlink(d / "f")
         assert not os.path.lexists(d / "f") and (d / "n").read_text() == "f"
+
+
+def test_symlink_targets_are_cached_by_the_kernel(stack: Stack, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    os.symlink("target-one", stack.lowers[1] / "link")
+    stats = tmp_path / "stats.json"
+    monkeypatch.setenv("UNIONFS_STATS_FILE", str(stats))
+    seq = [0]
+    with stack.mount() as m:
+        for _ in range(5):
+            assert os.readlink(stack.mnt / "link") == "target-one"
+        assert requests(m, stats, seq).get("readlink", 0) == 1
+        # a new target is a new symlink: the cached one must not show through
+        os.unlink(stack.mnt / "link")
+        os.symlink("target-two", stack.mnt / "link")
+        assert os.readlink(stack.mnt / "link") == "target-two"
+        os.rename(stack.mnt / "link", stack.mnt / "moved")
+        os.symlink("target-three", stack.mnt / "link")
+        assert os.readlink(stack.mnt / "link") == "target-three"
+        assert os.readlink(stack.mnt / "moved") == "target-two"
