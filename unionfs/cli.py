@@ -28,6 +28,8 @@ mount options (-o, comma separated, may repeat):
   fsname=NAME          name shown as the mount's source (default: unionfs)
   timeout=SECONDS      kernel entry/attribute cache timeout (default 86400)
   writeback=0|1        kernel writeback cache (default 1)
+  readahead=KIB        the mount's read-ahead window in KiB (default 1024; 0 keeps the kernel's;
+                       needs root, silently kept otherwise)
   dircache=0|1         kernel caches directory listings, no opendir/releasedir requests
                        (default 1; needs the pyfuse3 that scripts/setup.sh builds, else off)
   allow_other          let other users in (default when run as root)
@@ -133,6 +135,14 @@ def parse_options(opts: Sequence[str]) -> dict[str, object]:
                 if value not in ("0", "1"):
                     raise UsageError(f"writeback: expected 0 or 1, got {value!r}")
                 res["writeback"] = value == "1"
+            elif key == "readahead":
+                try:
+                    kib = int(value)
+                except ValueError:
+                    raise UsageError(f"readahead: not a number of KiB: {value!r}") from None
+                if not 0 <= kib <= 65536:
+                    raise UsageError("readahead: expected 0..65536 KiB")
+                res["readahead"] = kib
             elif key == "dircache":
                 if value not in ("0", "1"):
                     raise UsageError(f"dircache: expected 0 or 1, got {value!r}")
@@ -227,6 +237,7 @@ def check(settings: dict[str, object], mountpoint: str, foreground: bool, debug:
         allow_other=bool(settings.get("allow_other", os.geteuid() == 0)),
         timeout=timeout, writeback=bool(writeback), fuse_options=tuple(fuse_opts),
         dircache=bool(settings.get("dircache", True)),
+        readahead_kib=int(settings.get("readahead", 1024)),  # type: ignore[call-overload]
     )
 
 

@@ -18,6 +18,7 @@ class Config:
     default_permissions: bool = True
     timeout: float = 86400.0
     writeback: bool = True
+    readahead_kib: int = 1024  # the mount's read-ahead window (0: the kernel's default, 128)
     dircache: bool = True  # stateless readdir with kernel-cached listings, when pyfuse3 can
     squash_to_root: bool = False
     fuse_options: tuple[str, ...] = field(default=())

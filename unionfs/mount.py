@@ -18,6 +18,7 @@ import pyfuse3
 import trio
 
 from .config import Config
+from .mountinfo import device_of
 from .ops import UnionOperations, dircache_supported, enable_dircache
 from .union import Union
 
@@ -54,8 +55,17 @@ def dump_stats(ops: UnionOperations, path: str, seq: int) -> None:
     os.replace(tmp, path)
 
 
-async def _serve(ops: UnionOperations, stats_path: str | None) -> None:
+async def _serve(ops: UnionOperations, stats_path: str | None, readahead_kib: int = 0,
+                 mountpoint: str = "") -> None:
     async with trio.open_nursery() as nursery:
+        initialized = trio.Event()
+        ops.on_init = initialized.set
+
+        async def widen_readahead() -> None:
+            # after the kernel applied FUSE_INIT's reply, which caps the window at 128 KiB
+            await initialized.wait()
+            set_readahead(mountpoint, readahead_kib)
+
         async def watch_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                 async for signum in sigs:
@@ -74,10 +84,28 @@ async def _serve(ops: UnionOperations, stats_path: str | None) -> None:
                         log.warning("cannot write stats to %s: %s", path, e)
 
         nursery.start_soon(watch_signals)
+        if readahead_kib:
+            nursery.start_soon(widen_readahead)
         if stats_path:
             nursery.start_soon(dump_on_sigusr1, stats_path)
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
+
+
+def set_readahead(mountpoint: str, kib: int) -> bool:
+    """Widen the mount's read-ahead window (the kernel starts FUSE mounts at 128 KiB, so a
+    streaming read costs a request per 128 KiB; reads of up to max_write, 1 MiB, are allowed).
+    Needs write access to sysfs (root); returns whether it was set."""
+    dev = device_of(mountpoint)
+    if dev is None:
+        return False
+    try:
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(f"{kib}\n")
+    except OSError as e:
+        log.debug("read-ahead of %s left as it is: %s", mountpoint, e)
+        return False
+    return True
 
 
 def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
@@ -99,7 +127,7 @@ def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
     try:
         if ready is not None:
             ready()
-        trio.run(_serve, ops, stats_path)
+        trio.run(_serve, ops, stats_path, config.readahead_kib, config.mountpoint)
     finally:
         try:
             pyfuse3.close(unmount=True)

@@ -26,6 +26,18 @@ def mounts(path: str = "/proc/self/mountinfo") -> list[tuple[str, str]]:
     return out
 
 
+def device_of(mountpoint: str, path: str = "/proc/self/mountinfo") -> str | None:
+    """"major:minor" of the topmost mount at MOUNTPOINT (its backing device info in sysfs is
+    /sys/class/bdi/<major:minor>), or None."""
+    found = None
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split(" - ", 1)[0].split()
+            if unescape(fields[4]) == mountpoint:
+                found = fields[2]
+    return found
+
+
 def escape_option(p: str | PathLike[str]) -> str:
     """Escape a path for a `lowerdir=`/`upperdir=`/`workdir=` value (\\, : and , escaped)."""
     return str(p).replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")

@@ -90,6 +90,12 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         self.requests: Counter[str] = Counter()
         self.bugs = 0
         self.dircache = dircache
+        self.on_init: Callable[[], None] | None = None  # called once FUSE_INIT is answered
+
+    def init(self) -> None:
+        # pyfuse3 calls this while answering FUSE_INIT; the reply goes out right after
+        if self.on_init is not None:
+            self.on_init()
 
     def stats(self) -> dict[str, Any]:
         """Request counts per handler (when counting), handler bugs, CPU seconds so far, and how

@@ -23,6 +23,7 @@ import pytest
 from benchmarks.util import catches_signal
 from tests.helpers.mounts import Mount
 from tests.unionfs.conftest import Stack, write
+from unionfs.mountinfo import device_of
 from unionfs.ops import dircache_supported
 
 _SYS_GETDENTS64 = {"x86_64": 217, "aarch64": 61}[platform.machine()]
@@ -217,3 +218,30 @@ def test_symlink_targets_are_cached_by_the_kernel(stack: Stack, tmp_path: Path,
         os.symlink("target-three", stack.mnt / "link")
         assert os.readlink(stack.mnt / "link") == "target-three"
         assert os.readlink(stack.mnt / "moved") == "target-two"
+
+
+@pytest.mark.parametrize("kib", [0, 1024, 4096])
+def test_read_ahead_window_makes_streaming_reads_fewer_requests(
+        stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kib: int) -> None:
+    write(stack.lowers[1] / "big", os.urandom(1 << 16) * 128)  # 8 MiB
+    stats = tmp_path / "stats.json"
+    monkeypatch.setenv("UNIONFS_STATS_FILE", str(stats))
+    seq = [0]
+    with stack.mount(options=(f"readahead={kib}",)) as m:
+        dev = device_of(str(stack.mnt))
+        assert dev is not None
+        # the server sets the window once it has answered FUSE_INIT (0 keeps the kernel's)
+        deadline = time.monotonic() + 10
+        while True:
+            window = int(Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text())
+            if window == (kib or 128) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert window == (kib or 128)
+        with open(stack.mnt / "big", "rb") as f:
+            while f.read(1 << 20):
+                pass
+        reads = requests(m, stats, seq).get("read", 0)
+    # reads are at most min(window, max_write = 1 MiB) each
+    assert reads >= 8
+    assert reads <= (64 if kib == 0 else 12), reads
