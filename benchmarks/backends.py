@@ -338,8 +338,19 @@ class Unionfs(FuseServer):
         return [sys.executable, "-m", "unionfs", "-f", "-o", opts, str(mnt)]
 
 
+class UnionfsNoopen(Unionfs):
+    """unionfs with `-o noopen=1` (per-inode I/O, no open/release requests); not in "all"."""
+
+    name = "unionfs-noopen"
+
+    def argv(self, stack: Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
+        argv = super().argv(stack, upper, work, mnt)
+        argv[argv.index("-o") + 1] += ",noopen=1"
+        return argv
+
+
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
-    Native(), Overlay(), FuseOverlayfs(), UnionfsFuse(), Unionfs())}
+    Native(), Overlay(), FuseOverlayfs(), UnionfsFuse(), Unionfs(), UnionfsNoopen())}
 
 
 def probe_unionfs_fuse(chosen: list[Backend], skipped: dict[str, str]) -> str | None:

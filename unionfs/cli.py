@@ -30,6 +30,10 @@ mount options (-o, comma separated, may repeat):
   writeback=0|1        kernel writeback cache (default 1)
   readahead=KIB        the mount's read-ahead window in KiB (default 1024; 0 keeps the kernel's;
                        needs root, silently kept otherwise)
+  noopen=0|1           no open/create/release requests: files are read and written per inode,
+                       fewer requests per file opened (default 0; needs the patched pyfuse3 and
+                       root). Copy-up happens at the first write, not at open, so its errors
+                       (ENOSPC, EROFS) surface from write/fsync/close instead of open
   dircache=0|1         kernel caches directory listings, no opendir/releasedir requests
                        (default 1; needs the pyfuse3 that scripts/setup.sh builds, else off)
   allow_other          let other users in (default when run as root)
@@ -143,10 +147,10 @@ def parse_options(opts: Sequence[str]) -> dict[str, object]:
                 if not 0 <= kib <= 65536:
                     raise UsageError("readahead: expected 0..65536 KiB")
                 res["readahead"] = kib
-            elif key == "dircache":
+            elif key in ("dircache", "noopen"):
                 if value not in ("0", "1"):
-                    raise UsageError(f"dircache: expected 0 or 1, got {value!r}")
-                res["dircache"] = value == "1"
+                    raise UsageError(f"{key}: expected 0 or 1, got {value!r}")
+                res[key] = value == "1"
             elif key in ("allow_other", "allow_root") and not eq:
                 res["allow_other"] = True
             elif key == "debug" and not eq:
@@ -237,6 +241,7 @@ def check(settings: dict[str, object], mountpoint: str, foreground: bool, debug:
         allow_other=bool(settings.get("allow_other", os.geteuid() == 0)),
         timeout=timeout, writeback=bool(writeback), fuse_options=tuple(fuse_opts),
         dircache=bool(settings.get("dircache", True)),
+        noopen=bool(settings.get("noopen", False)),
         readahead_kib=int(settings.get("readahead", 1024)),  # type: ignore[call-overload]
     )
 

@@ -20,6 +20,7 @@ class Config:
     writeback: bool = True
     readahead_kib: int = 1024  # the mount's read-ahead window (0: the kernel's default, 128)
     dircache: bool = True  # stateless readdir with kernel-cached listings, when pyfuse3 can
+    noopen: bool = False  # per-inode I/O without open/release requests (opt-in, see cli help)
     squash_to_root: bool = False
     fuse_options: tuple[str, ...] = field(default=())
 

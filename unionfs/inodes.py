@@ -24,8 +24,8 @@ _LOW = (1 << _SHIFT) - 1
 
 
 class Node:
-    __slots__ = ("aliases", "children", "gen", "handles", "ino", "is_dir", "lowers", "merged",
-                 "name", "nlookup", "parent", "unlinked", "upper")
+    __slots__ = ("aliases", "children", "gen", "handles", "implicit", "ino", "is_dir", "lowers",
+                 "merged", "name", "nlookup", "parent", "unlinked", "upper")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, is_dir: bool, upper: bool,
                  lowers: tuple[tuple[int, bytes], ...]) -> None:
@@ -39,6 +39,7 @@ class Node:
         self.unlinked = False
         self.gen = 0  # bumped when the object moves to the upper branch (copy-up)
         self.handles: set[int] | None = None
+        self.implicit = 0  # the handle per-inode I/O uses (`Union.inode_handle`), 0 for none
         self.merged: object | None = None  # cached merged listing (directories)
         # cached resolutions of names in this directory, dropped with `merged` on any change
         self.children: dict[bytes, object] | None = None

@@ -19,7 +19,13 @@ import trio
 
 from .config import Config
 from .mountinfo import device_of
-from .ops import UnionOperations, dircache_supported, enable_dircache
+from .ops import (
+    UnionOperations,
+    dircache_supported,
+    enable_dircache,
+    enable_noopen,
+    noopen_supported,
+)
 from .union import Union
 
 log = logging.getLogger("unionfs")
@@ -116,9 +122,12 @@ def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
     stats_path = os.environ.get(STATS_ENV) or None
     ops = UnionOperations(union, timeout=config.timeout, writeback=config.writeback,
                           debug=config.debug, count_requests=stats_path is not None,
-                          dircache=config.dircache and dircache_supported())
+                          dircache=config.dircache and dircache_supported(),
+                          noopen=config.noopen and noopen_supported() and os.geteuid() == 0)
     if ops.dircache:
         enable_dircache()
+    if ops.noopen:
+        enable_noopen()
     try:
         pyfuse3.init(ops, config.mountpoint, fuse_options(config))
     except BaseException:

@@ -71,6 +71,16 @@ def enable_dircache() -> None:
     pyfuse3.use_inode_dir_handles(True)
 
 
+def noopen_supported() -> bool:
+    """Whether this pyfuse3 hands read/write/fsync the inode number when open is not
+    implemented (the patch scripts/setup.sh applies). Global to the process, like dircache."""
+    return hasattr(pyfuse3, "use_inode_file_handles")
+
+
+def enable_noopen() -> None:
+    pyfuse3.use_inode_file_handles(True)
+
+
 class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
     supports_dot_lookup = True
     enable_acl = False
@@ -80,7 +90,7 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     def __init__(self, union: Union, timeout: float, writeback: bool = True,
                  debug: bool = False, count_requests: bool = False,
-                 dircache: bool = False) -> None:
+                 dircache: bool = False, noopen: bool = False) -> None:
         super().__init__()
         self.union = union
         self.timeout = timeout
@@ -90,6 +100,12 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         self.requests: Counter[str] = Counter()
         self.bugs = 0
         self.dircache = dircache
+        # With `noopen`, open and create answer ENOSYS once: the kernel then sends no open,
+        # create or release requests (regular files are made with mknod), keeps page caches
+        # across opens, and pyfuse3 hands read/write/fsync the inode number (the patched
+        # pyfuse3, see `noopen_supported`). I/O goes through per-inode handles in the engine.
+        self.noopen = noopen
+        union.per_inode_io = noopen
         self.on_init: Callable[[], None] | None = None  # called once FUSE_INIT is answered
 
     def init(self) -> None:
@@ -164,7 +180,7 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
             size=attr.st_size if fields.update_size else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
-            fh=fh,
+            fh=fh or None,  # 0: no handle (handles start at 1; without opens the kernel sends 0)
         )
         return self._attr(node, st)
 
@@ -213,21 +229,29 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
     # --- files -------------------------------------------------------------------------
     @_translating
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if self.noopen:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         fh = self.union.open(inode, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_translating
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        if self.noopen:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel makes files with mknod then
         fh, node, st = self.union.create(parent_inode, name, mode, flags, self._caller(ctx))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(node, st)
 
     @_translating
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        if self.noopen:
+            return self.union.read_inode(fh, off, size)
         return self.union.read(fh, off, size)
 
     @_translating
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        if self.noopen:
+            return self.union.write_inode(fh, off, buf)
         return self.union.write(fh, off, buf)
 
     @_translating
@@ -236,11 +260,15 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     @_translating
     async def fsync(self, fh: int, datasync: bool) -> None:
-        self.union.fsync(fh, datasync)
+        if self.noopen:
+            self.union.fsync_inode(fh, datasync)
+        else:
+            self.union.fsync(fh, datasync)
 
     @_translating
     async def release(self, fh: int) -> None:
-        self.union.release(fh)
+        if not self.noopen:
+            self.union.release(fh)
 
     # --- directories -------------------------------------------------------------------
     # Directory handles are inode numbers; readdir keeps no per-open state (offsets are

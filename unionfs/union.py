@@ -23,6 +23,7 @@ import gc
 import itertools
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -63,6 +64,8 @@ _PLAIN_DIR = BranchEntry(Kind.DIR)
 
 # `shrink` once the kernel holds fewer than a quarter of at least this many inodes
 SHRINK_MIN_NODES = 4096
+# per-inode I/O keeps at most this many files open (besides removed ones still in use)
+IMPLICIT_MAX = 256
 
 
 def _err(code: int) -> OSError:
@@ -130,6 +133,8 @@ class Union:
         self._nlinks: dict[tuple[int, int], int] = {}
         self._resolutions: dict[Resolution, Resolution] = {}  # one shared object per value
         self._peak_nodes = 0  # most inodes the kernel held since the last `shrink`
+        self.per_inode_io = False  # set by the adapter when the kernel sends no open requests
+        self._implicit: OrderedDict[int, int] = OrderedDict()  # ino -> handle, oldest first
         # Until the upper branch hides a name of a lower hard link (unlinked or replaced through
         # this mount, or an upper of unknown history), lower link counts are reported as the
         # branch has them (as overlayfs does), without `_visible_links`' walk of the whole
@@ -397,6 +402,9 @@ class Union:
 
     def forget(self, ino: int, count: int) -> None:
         self.inodes.forget(ino, count)
+        node = self.inodes.nodes.get(ino)
+        if node is not None and node.implicit and node.nlookup <= 0:
+            self._drop_implicit(node)
         n = len(self.inodes.nodes)
         if n > self._peak_nodes:
             self._peak_nodes = n
@@ -424,7 +432,9 @@ class Union:
         if node.unlinked:
             if node.handles:
                 return os.fstat(self.handles[next(iter(node.handles))].fd)
-            raise _err(errno.ENOENT)
+            if node.upper or not node.lowers:
+                raise _err(errno.ENOENT)
+            # a removed lower object is still where it was in its branch
         branch, rel = self.where(node)
         return branch.stat(rel)
 
@@ -939,6 +949,8 @@ class Union:
             raise _err(errno.ENOTEMPTY)
         in_upper = res.branches[0] == 0 and self.upper is not None
         self._hiding(node, st)
+        if in_upper and not is_dir:
+            self.keep_reachable(node, st)
         below = lower_exists(entries)
         if is_dir and self._whiteouts_refuse(node, below, replaced=False):
             raise _err(errno.ENOTEMPTY)
@@ -1026,7 +1038,9 @@ class Union:
             if dnode.is_dir and (self.merged(dnode) or self._whiteouts_refuse(
                     dnode, lower_exists(dentries), replaced=True)):
                 raise _err(errno.ENOTEMPTY)
-            self._hiding(dnode, self._stat(dnode))
+            dst = self._stat(dnode)
+            self._hiding(dnode, dst)
+            self.keep_reachable(dnode, dst)
         self.copy_up(snode)
         redirected = s_dir and bool(snode.lowers)
         if redirected:
@@ -1181,6 +1195,15 @@ class Union:
         handle = self.handles.get(fh) if fh is not None else None
         if handle is None and node.unlinked and node.handles:
             handle = self.handles[next(iter(node.handles))]
+        if node.unlinked and not node.upper and (handle is None or not handle.writable):
+            # a removed lower file (its name was whited out or replaced): the lower object
+            # itself must never change
+            if size is None and mode is None and uid is None and gid is None:
+                # e.g. the kernel flushing the times it kept: no name shows them any more
+                return node, self._stat(node)
+            if not self.per_inode_io:
+                raise _err(errno.ENOENT)
+            handle = self.inode_handle(ino, write=True)
         if node.unlinked:
             if handle is None:
                 raise _err(errno.ENOENT)
@@ -1304,6 +1327,103 @@ class Union:
             os.close(h.fd)
             h.fd, h.gen = fd, h.node.gen
         return h
+
+    # --- per-inode I/O (no open requests: the kernel sends the inode, not a handle) -----
+    def inode_handle(self, ino: int, write: bool) -> Handle:
+        """The handle reads and writes of inode INO go through when the kernel does not open
+        files (see ops' `noopen`): opened on first use (a write copies up first), reopened
+        read-write when a write follows reads, and kept for the most recently used inodes and
+        for removed ones (nothing else reaches them), closed when the kernel forgets the inode."""
+        node = self.node(ino)
+        if node.is_dir:
+            raise _err(errno.EISDIR)
+        fh = node.implicit
+        h = self.handles.get(fh) if fh else None
+        if h is not None and (h.writable or not write):
+            self._implicit.move_to_end(ino)
+            return self._handle(fh)
+        flags = os.O_RDWR if write else os.O_RDONLY
+        if node.unlinked and (h is None or write):
+            if node.upper:
+                if h is None:
+                    raise _err(errno.ENOENT)  # no name leads to it and no fd was kept
+                fd = os.open(sl.fd_path(h.fd), flags | os.O_CLOEXEC)  # reopen through it
+            elif write:
+                # a lower file removed while the kernel had it open for writing (its writes
+                # were still in the page cache): give it a private copy no name leads to
+                fd = self._anonymous_copy(node)
+            else:
+                fd = self._open_fd(node, flags)  # the lower object is still where it was
+        else:
+            if write and not node.upper:
+                self.copy_up(node)
+            fd = self._open_fd(node, flags)
+        if h is not None:
+            self._drop_implicit(node)
+        node.implicit = self._add_handle(fd, node, flags)
+        self._implicit[ino] = node.implicit
+        while len(self._implicit) > IMPLICIT_MAX:
+            old_ino = next(iter(self._implicit))
+            old = self.inodes.nodes.get(old_ino)
+            if old is not None and old.unlinked:
+                self._implicit.move_to_end(old_ino)  # its only way in: keep
+                if all(n.unlinked for i in self._implicit
+                       if (n := self.inodes.nodes.get(i)) is not None):
+                    break
+                continue
+            if old is None:
+                del self._implicit[old_ino]
+            else:
+                self._drop_implicit(old)
+        return self.handles[node.implicit]
+
+    def keep_reachable(self, node: Node, st: os.stat_result) -> None:
+        """A name of regular file NODE in the upper branch is about to go while the kernel may
+        still have it open (per-inode I/O has no open handles to tell): keep an fd to it."""
+        if (self.per_inode_io and stat.S_ISREG(st.st_mode) and node.upper and node.nlookup > 0
+                and self.inodes.nodes.get(node.ino) is node):
+            self.inode_handle(node.ino, write=True)
+
+    def _anonymous_copy(self, node: Node) -> int:
+        """A read-write fd of a copy of lower NODE's data, in the work dir and unlinked."""
+        src = self._open_fd(node, os.O_RDONLY)
+        try:
+            tmp = self._tmpname()
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                         dir_fd=self.work_fd)
+            try:
+                os.unlink(tmp, dir_fd=self.work_fd)
+                st = os.fstat(src)
+                copyup.copy_data(src, fd, st.st_size)
+                os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        finally:
+            os.close(src)
+
+    def _drop_implicit(self, node: Node) -> None:
+        fh, node.implicit = node.implicit, 0
+        self._implicit.pop(node.ino, None)
+        if fh:
+            self.release(fh)
+
+    def read_inode(self, ino: int, off: int, size: int) -> bytes:
+        return os.pread(self.inode_handle(ino, False).fd, size, off)
+
+    def write_inode(self, ino: int, off: int, buf: bytes) -> int:
+        return os.pwrite(self.inode_handle(ino, True).fd, buf, off)
+
+    def fsync_inode(self, ino: int, datasync: bool) -> None:
+        node = self.node(ino)
+        if not node.upper:
+            return  # nothing was written through the union
+        fd = self.inode_handle(ino, False).fd
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
 
     def read(self, fh: int, off: int, size: int) -> bytes:
         return os.pread(self._handle(fh).fd, size, off)

@@ -135,14 +135,16 @@ def test_cli(bench_cache: Path, tmp_path: Path) -> None:
     js, png = tmp_path / "r.json", tmp_path / "r.png"
     res = subprocess.run(
         [sys.executable, "-m", "benchmarks", "run", "--scale", "tiny", "--rounds", "1",
-         "--fs", "native,unionfs", "--workloads",
+         "--fs", "native,unionfs,unionfs-noopen", "--workloads",
          "walk_cold,copyup", "--json", str(js), "--plot", str(png), "-q"],
         cwd=REPO, capture_output=True, text=True, timeout=120, env=env, check=False)
     assert res.returncode == (0 if _has_matplotlib() else 1), res.stderr
     assert "walk_cold" in res.stdout and "copyup" in res.stdout
     data = json.loads(js.read_text())
     assert {(c["workload"], c["backend"]) for c in data["cells"]} == {
-        (w, b) for w in ("walk_cold", "copyup") for b in ("native", "unionfs")}
+        (w, b) for w in ("walk_cold", "copyup") for b in ("native", "unionfs", "unionfs-noopen")}
+    # every backend left the same tree as native (a backend that differs is flagged)
+    assert all(c.get("agrees") is not False for c in data["cells"]), data["cells"]
     bad = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--fs", "nosuchfs"],
                          cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
     assert bad.returncode == 1 and "unknown backend" in bad.stderr

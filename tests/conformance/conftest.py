@@ -44,6 +44,7 @@ BASE_TARGETS = [
     TargetSpec("overlay-lower", "overlay", "lower"),
     TargetSpec("unionfs-fresh", "unionfs", "fresh"),
     TargetSpec("unionfs-lower", "unionfs", "lower"),
+    TargetSpec("unionfs-noopen", "unionfs", "lower"),
 ]
 EXTRA_TARGETS = {
     "fuse-overlayfs": [
@@ -58,6 +59,11 @@ MOUNT_OPTIONS: dict[str, list[str]] = {
     "overlay": ["redirect_dir=on", "index=on"],
     "unionfs": [],
     "fuse-overlayfs": [],
+}
+
+# options of one target on top of its kind's
+TARGET_OPTIONS: dict[str, list[str]] = {
+    "unionfs-noopen": ["noopen=1"],  # per-inode I/O: the kernel sends no open/release
 }
 
 WATCHDOG_S = 20.0  # a single test never needs this long; a FUSE server that hangs is killed
@@ -136,7 +142,8 @@ class Backend:
         self.stack = contextlib.ExitStack()
         self.mount = self.stack.enter_context(
             mounted(self.spec.kind, [self.lower], upper, work, self.mnt,
-                    MOUNT_OPTIONS[self.spec.kind], log=log))
+                    MOUNT_OPTIONS[self.spec.kind] + TARGET_OPTIONS.get(self.spec.id, []),
+                    log=log))
 
     def stop(self) -> None:
         self.stack.close()

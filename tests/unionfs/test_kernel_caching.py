@@ -245,3 +245,58 @@ def test_read_ahead_window_makes_streaming_reads_fewer_requests(
     # reads are at most min(window, max_write = 1 MiB) each
     assert reads >= 8
     assert reads <= (64 if kib == 0 else 12), reads
+
+
+def test_noopen_reads_reach_the_server_once_and_no_open_or_release_does(
+        stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(20):
+        write(stack.lowers[i % 2] / "d" / f"f{i}", f"data {i}" * 100)
+    stats = tmp_path / "stats.json"
+    monkeypatch.setenv("UNIONFS_STATS_FILE", str(stats))
+    seq = [0]
+    with stack.mount(options=("noopen=1",)) as m:
+        d = stack.mnt / "d"
+        for _ in range(3):
+            for i in range(20):
+                assert (d / f"f{i}").read_text() == f"data {i}" * 100
+        counts = requests(m, stats, seq)
+    assert counts.get("open", 0) <= 1  # answered ENOSYS once, never sent again
+    assert counts.get("release", 0) == 0
+    assert counts.get("read", 0) <= 20  # the page cache outlives each open
+
+
+def test_noopen_writes_copy_up_at_the_first_write_and_keep_posix_semantics(
+        stack: Stack) -> None:
+    write(stack.lowers[1] / "a", "lower a")
+    write(stack.lowers[1] / "b", "lower b")
+    write(stack.lowers[1] / "c", "lower c " * 1000)
+    with stack.mount(options=("noopen=1",)):
+        m = stack.mnt
+        fd = os.open(m / "a", os.O_WRONLY)  # opening for writing copies nothing up yet
+        assert not (stack.upper / "a").exists()
+        os.write(fd, b"UPPER")
+        os.close(fd)
+        assert (m / "a").read_text() == "UPPER a" and (stack.upper / "a").exists()
+        assert (stack.lowers[1] / "a").read_text() == "lower a"
+        with open(m / "b", "w") as f:  # O_TRUNC reaches the server as a truncation
+            f.write("new b")
+        assert (m / "b").read_text() == "new b"
+        # a lower file written through an fd after its name is gone keeps its data there
+        fd = os.open(m / "c", os.O_RDWR)
+        os.unlink(m / "c")
+        os.pwrite(fd, b"changed", 0)
+        os.fsync(fd)
+        assert os.pread(fd, 14, 0) == b"changed" + (b"lower c " * 2)[7:14]
+        os.close(fd)
+        assert not os.path.lexists(m / "c")
+        assert (stack.lowers[1] / "c").read_text() == "lower c " * 1000
+        # an upper file replaced while open stays readable and writable through the fd
+        (m / "n").write_text("first")
+        fd = os.open(m / "n", os.O_RDWR)
+        (m / "n2").write_text("second")
+        os.rename(m / "n2", m / "n")
+        os.pwrite(fd, b"FIRST", 0)
+        assert os.pread(fd, 5, 0) == b"FIRST"
+        os.close(fd)
+        assert (m / "n").read_text() == "second"
+        assert os.listdir(stack.work / "work") == []
