@@ -64,6 +64,7 @@ _PLAIN_DIR = BranchEntry(Kind.DIR)
 
 # `shrink` once the kernel holds fewer than a quarter of at least this many inodes
 SHRINK_MIN_NODES = 4096
+SHRINK_CASCADE_NODES = 64
 # per-inode I/O keeps at most this many files open (besides removed ones still in use)
 IMPLICIT_MAX = 256
 
@@ -133,6 +134,7 @@ class Union:
         self._nlinks: dict[tuple[int, int], int] = {}
         self._resolutions: dict[Resolution, Resolution] = {}  # one shared object per value
         self._peak_nodes = 0  # most inodes the kernel held since the last `shrink`
+        self._shrinking = False  # a shrink happened and the kernel has not grown back since
         self.per_inode_io = False  # set by the adapter when the kernel sends no open requests
         self._implicit: OrderedDict[int, int] = OrderedDict()  # ino -> handle, oldest first
         # Until the upper branch hides a name of a lower hard link (unlinked or replaced through
@@ -408,8 +410,13 @@ class Union:
         n = len(self.inodes.nodes)
         if n > self._peak_nodes:
             self._peak_nodes = n
-        elif self._peak_nodes >= SHRINK_MIN_NODES and n * 4 < self._peak_nodes:
+            self._shrinking = False
+        elif n * 4 < self._peak_nodes and self._peak_nodes >= (
+                SHRINK_CASCADE_NODES if self._shrinking else SHRINK_MIN_NODES):
+            # again at each further quarter while the kernel goes on forgetting: what the
+            # first shrink kept was allocated among the nodes freed since
             self.shrink()
+            self._shrinking = True
 
     def shrink(self) -> None:
         """Drop what is cached about names and lower branches (it is read again on demand).
