@@ -683,6 +683,11 @@ class Union:
         parent = node.parent
         assert parent is not None, "the root always exists in the upper branch"
         self.copy_up(parent)
+        if node.is_dir and upper.entry(parent.path(), node.name).kind is Kind.DIR:
+            # copied up meanwhile through another node object of the same directory (the
+            # names `_copy_up_links` resolves are found before any of them is linked)
+            node.upper = True
+            return
         src_branch, src_rel = node.lowers[0]
         src = self.branches[src_branch]
         sparent, sname = split(src_rel)

@@ -251,3 +251,19 @@ def test_hard_links_below_a_moved_lower_directory(exchange: bool) -> None:
         ("stat", {"path": "x/a", "follow": False}),
         ("read", {"path": "x/c"}),
     ])
+
+
+def test_copy_up_links_names_in_nested_directories_copied_up_on_the_way() -> None:
+    # found by the OCI state machine: after a remount the upper's hard links 'x', 'a/a' and
+    # 'a/b/a' lie in a lower layer; copying 'x' up links the other names, and copying up 'a/b'
+    # for 'a/b/a' also copies up 'a', which the node resolved earlier for 'a/a' did not know
+    # (unionfs -> EEXIST, overlay -> ok)
+    stack = Stack([Layer()], upper=Layer({
+        "x": HardLink("a/a"), "a": Dir(), "a/a": File(Blob(22, 0)), "a/b": Dir(),
+        "a/b/a": HardLink("a/a")}))
+    replay(stack, [
+        ("remount", {}),
+        ("utimens", {"path": "x", "atime_ns": 0, "mtime_ns": 4102444800000000001,
+                     "follow": True}),
+        ("read", {"path": "a/a"}),
+    ])
