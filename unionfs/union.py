@@ -69,6 +69,13 @@ SHRINK_CASCADE_NODES = 64
 IMPLICIT_MAX = 256
 
 
+def _sync(fd: int, datasync: bool) -> None:
+    if datasync:
+        os.fdatasync(fd)
+    else:
+        os.fsync(fd)
+
+
 def _err(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
@@ -404,9 +411,10 @@ class Union:
 
     def forget(self, ino: int, count: int) -> None:
         self.inodes.forget(ino, count)
-        node = self.inodes.nodes.get(ino)
-        if node is not None and node.implicit and node.nlookup <= 0:
-            self._drop_implicit(node)
+        if self.per_inode_io:
+            node = self.inodes.nodes.get(ino)
+            if node is not None and node.implicit and node.nlookup <= 0:
+                self._drop_implicit(node)
         n = len(self.inodes.nodes)
         if n > self._peak_nodes:
             self._peak_nodes = n
@@ -1352,7 +1360,8 @@ class Union:
         fh = node.implicit
         h = self.handles.get(fh) if fh else None
         if h is not None and (h.writable or not write):
-            self._implicit.move_to_end(ino)
+            if ino in self._implicit:  # (a removed file's handle is kept out of the LRU)
+                self._implicit.move_to_end(ino)
             return self._handle(fh)
         flags = os.O_RDWR if write else os.O_RDONLY
         if node.unlinked and (h is None or write):
@@ -1375,18 +1384,12 @@ class Union:
         node.implicit = self._add_handle(fd, node, flags)
         self._implicit[ino] = node.implicit
         while len(self._implicit) > IMPLICIT_MAX:
-            old_ino = next(iter(self._implicit))
+            old_ino, _ = self._implicit.popitem(last=False)
             old = self.inodes.nodes.get(old_ino)
-            if old is not None and old.unlinked:
-                self._implicit.move_to_end(old_ino)  # its only way in: keep
-                if all(n.unlinked for i in self._implicit
-                       if (n := self.inodes.nodes.get(i)) is not None):
-                    break
-                continue
-            if old is None:
-                del self._implicit[old_ino]
-            else:
+            if old is not None and not old.unlinked:
                 self._drop_implicit(old)
+            # a removed file's handle is its only way in: it stays open, out of the LRU, until
+            # the kernel forgets the inode
         return self.handles[node.implicit]
 
     def keep_reachable(self, node: Node, st: os.stat_result) -> None:
@@ -1431,11 +1434,7 @@ class Union:
         node = self.node(ino)
         if not node.upper:
             return  # nothing was written through the union
-        fd = self.inode_handle(ino, False).fd
-        if datasync:
-            os.fdatasync(fd)
-        else:
-            os.fsync(fd)
+        _sync(self.inode_handle(ino, False).fd, datasync)
 
     def read(self, fh: int, off: int, size: int) -> bytes:
         return os.pread(self._handle(fh).fd, size, off)
@@ -1444,11 +1443,7 @@ class Union:
         return os.pwrite(self._handle(fh).fd, buf, off)
 
     def fsync(self, fh: int, datasync: bool) -> None:
-        fd = self._handle(fh).fd
-        if datasync:
-            os.fdatasync(fd)
-        else:
-            os.fsync(fd)
+        _sync(self._handle(fh).fd, datasync)
 
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
@@ -1474,7 +1469,18 @@ class Union:
             raise _err(errno.ENOTDIR)
         if node.unlinked:
             return OffsetListing([], [])
-        return self.listing(node)
+        listing = self.listing(node)
+        if not listing.prefetched:
+            # readdirplus looks every entry up next: stat lower entries one directory at a time
+            listing.prefetched = True
+            by_branch: dict[int, list[bytes]] = {}
+            for e in listing.entries:
+                by_branch.setdefault(e.branch, []).append(e.name)
+            for branch, rel in self.layers(node):
+                names = by_branch.get(branch.index)
+                if names and not branch.writable:
+                    branch.prefetch_stats(rel, names)
+        return listing
 
     def fsyncdir(self, ino: int) -> None:
         node = self.node(ino)

@@ -222,3 +222,41 @@ async def test_caches_go_when_the_kernel_forgets_most_inodes(env: Env) -> None:
     assert sorted(e.name for e in union.readdir(d7).entries) == sorted(
         b"f%d" % i for i in range(n) if i % 50 == 7)
     await ops.forget([(d7, 1)])
+
+
+async def test_per_inode_io_keeps_few_files_open_but_every_removed_one(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    import unionfs.union as u
+    monkeypatch.setattr(u, "IMPLICIT_MAX", 4)
+    for i in range(12):
+        write(env.lower / f"f{i}", b"lower %d" % i)
+    ops = env.start()
+    union = ops.union
+    union.per_inode_io = True
+    inos = [await _lookup(ops, pyfuse3.ROOT_INODE, b"f%d" % i) for i in range(12)]
+    # an upper file the kernel knows, removed while (maybe) open: its fd must stay
+    await ops.mkdir(pyfuse3.ROOT_INODE, b"d", 0o755, CTX)
+    gone = union.mknod(union.lookup(pyfuse3.ROOT_INODE, b"d")[0].ino, b"g",
+                       stat.S_IFREG | 0o644, 0)[0]
+    assert union.write_inode(gone.ino, 0, b"kept") == 4
+    await ops.unlink(union.lookup(pyfuse3.ROOT_INODE, b"d")[0].ino, b"g", CTX)
+    for ino in inos:
+        assert union.read_inode(ino, 0, 5) == b"lower"
+    assert len(union._implicit) <= 4
+    assert sum(1 for h in union.handles.values()) <= 5  # 4 recent + the removed file's
+    assert union.read_inode(gone.ino, 0, 4) == b"kept"
+    for ino in inos:
+        await ops.forget([(ino, 1)])
+    union.forget(gone.ino, gone.nlookup)
+    assert not union.handles  # the kernel forgot them all: every fd closed
+
+
+async def test_readdir_of_a_lower_directory_reads_its_stats_in_one_pass(env: Env) -> None:
+    for i in range(20):
+        write(env.lower / "d" / f"f{i}", b"")
+    ops = env.start()
+    lower = ops.union.branches[1]
+    d = await _lookup(ops, pyfuse3.ROOT_INODE, b"d")
+    lower._stats.clear()
+    ops.union.readdir(d)
+    assert {k for k in lower._stats if k.startswith(b"d/")} == {b"d/f%d" % i for i in range(20)}
