@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .config import Config
+from .linkindex import LINKS_SUBDIR
 from .mount import GENERIC_FUSE_OPTIONS
 from .mountinfo import mounts
 
@@ -189,7 +190,7 @@ def _mounted_paths() -> set[str]:
         return set()
 
 
-ALLOWED_IN_WORKDIR = {"work", "index", "incompat"}
+ALLOWED_IN_WORKDIR = {"work", "index", "incompat", LINKS_SUBDIR}
 
 
 def check(settings: dict[str, object], mountpoint: str, foreground: bool, debug: bool

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import gc
 import itertools
+import logging
 import os
 import stat
 from collections import OrderedDict
@@ -55,8 +56,11 @@ from .core.resolve import (
     whiteouts_refuse_removal,
 )
 from .inodes import ROOT_INO, InodeTable, Node
+from .linkindex import LinkIndex, Pending, parse_key
 
 WORK_SUBDIR = "work"
+
+log = logging.getLogger("unionfs")
 
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _PLAIN_DIR = BranchEntry(Kind.DIR)
@@ -154,12 +158,15 @@ class Union:
         self._redirect_maps: dict[int, dict[bytes, bytes]] = {}
         self.chardev_whiteouts = False
         self.trusted_xattrs = False
+        self.links: LinkIndex | None = None  # copied-up hard links with names not linked yet
         if self.upper is not None:
             assert config.work is not None
             self._open_work(config.work)
         self.inodes = InodeTable()
         self.handles: dict[int, Handle] = {}
         self.root = self._make_root()
+        if self.links is not None:
+            self._recover_links()
 
     # --- set-up ------------------------------------------------------------------------
     def _open_work(self, work: str) -> None:
@@ -170,6 +177,7 @@ class Union:
             except FileExistsError:
                 pass
             self.work_fd = sl.openat2(wfd, WORK_SUBDIR.encode(), O_DIR_PATH)
+            self.links = LinkIndex(wfd)
         finally:
             os.close(wfd)
         self.clean_work()
@@ -222,6 +230,12 @@ class Union:
         return root
 
     def close(self) -> None:
+        if self.links is not None:
+            try:
+                self.settle_links()  # leave the upper self-contained for any other reader
+            except OSError as e:  # the records stay: the next mount links the names
+                log.warning("hard links of copied-up files not completed: %s", e)
+            self.links.close()
         for h in self.handles.values():
             try:
                 os.close(h.fd)
@@ -395,19 +409,26 @@ class Union:
                     # paths are where the content comes from, which a move does not change)
                     paths = {**paths, 0: join(parent.path(), name)}
             top = res.branches[0]
-            return self._node_for(parent, name, res, paths,
-                                  st=self.branches[top].stat(paths[top]))
-        res, _entries, paths = self._resolve(parent, name)
-        if res.kind is Kind.MISSING:
-            raise _err(errno.ENOENT)
-        if children is None:
-            children = parent.children = {}
-        rels = {b.index: rel for b, rel in self.layers(parent)}
-        if all(b in rels and paths.get(b) == join(rels[b], name) for b in res.branches):
-            children[name] = self._resolutions.setdefault(res, res)
+            st = self.branches[top].stat(paths[top])
         else:
-            children[name] = (res, paths)
-        return self._node_for(parent, name, res, paths)
+            res, _entries, paths = self._resolve(parent, name)
+            if res.kind is Kind.MISSING:
+                raise _err(errno.ENOENT)
+            if children is None:
+                children = parent.children = {}
+            rels = {b.index: rel for b, rel in self.layers(parent)}
+            if all(b in rels and paths.get(b) == join(rels[b], name) for b in res.branches):
+                children[name] = self._resolutions.setdefault(res, res)
+            else:
+                children[name] = (res, paths)
+            top = res.branches[0]
+            st = self.branches[top].stat_after_entry(paths[top])
+        if self.links and top and st.st_nlink > 1 and res.kind is not Kind.DIR:
+            rec = self.links.for_lower(top, st)
+            if rec is not None:  # another name of a copied-up hard link: link the copy here
+                self._link_copy(rec, parent, name)
+                return self._lookup_child(parent, name)
+        return self._node_for(parent, name, res, paths, st=st)
 
     def forget(self, ino: int, count: int) -> None:
         self.inodes.forget(ino, count)
@@ -463,8 +484,13 @@ class Union:
             return 0
         if node.is_dir and (len(node.lowers) + node.upper) > 1:
             return 2 + sum(1 for m in self.merged(node) if m.is_dir)
-        if st.st_nlink > 1 and not node.upper and node.lowers and self._links_hidden:
-            return self._visible_links(node.lowers[0][0], st.st_ino)
+        if st.st_nlink > 1:
+            if not node.upper and node.lowers and self._links_hidden:
+                return self._visible_links(node.lowers[0][0], st.st_ino)
+            if node.upper and self.links:
+                rec = self.links.for_copy(st)
+                if rec is not None:  # names not linked yet count, the record does not
+                    return rec.nlink
         return st.st_nlink
 
     def _visible_links(self, branch: int, ino: int) -> int:
@@ -703,13 +729,24 @@ class Union:
         spfd = src.open_dir(sparent)
         upfd = upper.open_dir(parent.path())
         tmp = self._tmpname()
+        # the other names of a lower hard link are linked lazily (`linkindex`) unless link
+        # counts are exact already (then the walk that finds the names is paid anyway)
+        rec: Pending | None = None
+        defer = (not node.is_dir and st.st_nlink > 1 and not src.writable
+                 and not self._links_hidden and self.links is not None)
         try:
             pst = os.fstat(upfd)
             try:
                 copyup.copy_object(spfd, sname, self.work_fd, tmp, st, self.privileged)
+                if defer:
+                    assert self.links is not None
+                    rec = self.links.record(self.work_fd, tmp, src_branch, st, node.ino)
                 sl.renameat2(self.work_fd, tmp, upfd, node.name, sl.RENAME_NOREPLACE)
             except BaseException:
                 self._purge(self.work_fd, tmp)
+                if rec is not None:
+                    assert self.links is not None
+                    self.links.drop(rec.key)
                 raise
             # a copy-up is no change of the directory: keep its times (as overlayfs does)
             self._restore_times(upfd, pst)
@@ -723,7 +760,10 @@ class Union:
             node.lowers = ()
             node.gen += 1
         self._changed(parent, node.name)
-        if not node.is_dir and st.st_nlink > 1 and not src.writable:
+        if rec is not None:
+            assert self.links is not None
+            self.links.add(rec, ust)
+        elif not node.is_dir and st.st_nlink > 1 and not src.writable:
             self._copy_up_links(node, src, st)
 
     @staticmethod
@@ -734,22 +774,70 @@ class Union:
         """Hard links survive copy-up: every other visible name of the lower inode becomes a
         link to the new upper object."""
         assert node.parent is not None and self.upper is not None
-        for parent, name in self._union_names(src.index, src.hardlinks(st.st_ino)):
-            if parent is node.parent and name == node.name:
+        spfd = self.upper.open_dir(node.parent.path())
+        try:
+            self._link_names(src.index, st.st_ino, spfd, node.name, node)
+        finally:
+            os.close(spfd)
+
+    def _link_names(self, branch: int, ino: int, src_fd: int, src_name: bytes,
+                    node: Node | None) -> None:
+        """Link SRC_FD/SRC_NAME (the copy of lower object INO of BRANCH) at every union name
+        that still shows the lower object (NODE, if known, learns the names)."""
+        assert self.upper is not None
+        for parent, name in self._union_names(branch, self.branches[branch].hardlinks(ino)):
+            if node is not None and parent is node.parent and name == node.name:
                 continue  # the name the copy was placed at
-            self.copy_up(parent)
-            spfd = self.upper.open_dir(node.parent.path())
-            dpfd = self.upper.open_dir(parent.path())
-            try:
-                pst = os.fstat(dpfd)
-                os.link(node.name, name, src_dir_fd=spfd, dst_dir_fd=dpfd,
-                        follow_symlinks=False)
-                self._restore_times(dpfd, pst)
-            finally:
-                os.close(spfd)
-                os.close(dpfd)
-            node.add_name(parent, name)
-            self._changed(parent, name)
+            self._link_at(src_fd, src_name, parent, name)
+            if node is not None:
+                node.add_name(parent, name)
+
+    def _link_at(self, src_fd: int, src_name: bytes, parent: Node, name: bytes) -> None:
+        """Link SRC_FD/SRC_NAME at union name PARENT/NAME, keeping the directory's times."""
+        assert self.upper is not None
+        self.copy_up(parent)
+        dpfd = self.upper.open_dir(parent.path())
+        try:
+            pst = os.fstat(dpfd)
+            os.link(src_name, name, src_dir_fd=src_fd, dst_dir_fd=dpfd, follow_symlinks=False)
+            self._restore_times(dpfd, pst)
+        finally:
+            os.close(dpfd)
+        self._changed(parent, name)
+
+    def _link_copy(self, rec: Pending, parent: Node, name: bytes) -> None:
+        """Lookup met PARENT/NAME, another name of REC's lower object: link the copy there."""
+        assert self.links is not None
+        self._link_at(self.links.fd, rec.key, parent, name)
+
+    def settle_links(self) -> None:
+        """Link every name still pending in the hard-link index (see `linkindex`)."""
+        links = self.links
+        if not links:
+            return
+        assert links is not None
+        for rec in list(links.by_lower.values()):
+            node = self.inodes.nodes.get(rec.node_ino)
+            if node is not None and (node.unlinked or node.is_dir):
+                node = None
+            self._link_names(rec.branch, rec.ino, links.fd, rec.key, node)
+            links.drop(rec.key)
+
+    def _recover_links(self) -> None:
+        """Complete the records an earlier mount left (it was killed before it could)."""
+        links = self.links
+        assert links is not None
+        for key in links.leftovers():
+            parsed = parse_key(key)
+            branch = parsed[0] if parsed is not None else -1
+            if (parsed is None or not 0 < branch < len(self.branches)
+                    or os.fstat(self.branches[branch].fd).st_dev != parsed[1]):
+                log.warning("dropping hard-link record %r: its lower branch is not here", key)
+                links.drop(key)
+                continue
+            assert parsed is not None
+            self._link_names(branch, parsed[2], links.fd, key, None)
+            links.drop(key)
 
     def _walk(self, rel: bytes
               ) -> tuple[Node, bytes, Resolution, dict[int, bytes]] | None:
@@ -926,6 +1014,8 @@ class Union:
         if node.is_dir:
             raise _err(errno.EPERM)
         parent = self.node(new_parent_ino)
+        if self.links:
+            self.settle_links()  # link counts become exact before one changes
         pfd, replace, _, drop_wh = self._prepare_create(parent, new_name)
         try:
             self.copy_up(node)
@@ -956,6 +1046,8 @@ class Union:
     def _remove(self, parent_ino: int, name: bytes, want_dir: bool) -> None:
         parent = self.node(parent_ino)
         self._need_upper()
+        if self.links:
+            self.settle_links()  # link counts become exact before one changes
         res, entries, paths = self._resolve(parent, name)
         if res.kind is Kind.MISSING:
             raise _err(errno.ENOENT)
@@ -1029,6 +1121,8 @@ class Union:
         self._need_upper()
         op = self.node(old_parent_ino)
         np = self.node(new_parent_ino)
+        if self.links:
+            self.settle_links()  # names of hard links are exact before any of them moves
         sres, sentries, spaths = self._resolve(op, old_name)
         if sres.kind is Kind.MISSING:
             raise _err(errno.ENOENT)

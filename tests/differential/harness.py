@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hypothesis
+
 from tests.helpers.layers import Stack, StackDirs, materialise
 from tests.helpers.mounts import Mount, is_mounted, mounted, unmount
 
@@ -757,12 +759,27 @@ class DiffPair:
         if a != b and self._only_nlink_differs(op, kw, a, b):
             b = a  # documented in nlink_model_agrees
         self.history.append(f"{format_op(op, kw)} -> sut {a} / oracle {b}")
+        if (op == "rmdir" and a == ("ok", None) and b == ("err", "ENOTEMPTY")
+                and self._oracle_lists_only_ghosts(kw["path"])):
+            # KNOWN DIFFERENCE (README): overlayfs counts its GHOST entries; the two trees
+            # differ from here on and the oracle's cannot be changed to match through its
+            # mount, so the example ends here, discarded rather than passed
+            hypothesis.reject()
         if op == "utimens" and b[0] == "ok":
             self.pins[kw["path"]] = b[1]
         if a != b:
             raise Mismatch(f"{format_op(op, kw)}: {self.sut.kind} -> {a}, overlay -> {b}\n"
                            + self.describe())
         return b
+
+    def _oracle_lists_only_ghosts(self, path: str) -> bool:
+        """Whether the oracle lists names in directory PATH and every one is a GHOST."""
+        d = os.path.join(self.oracle.mnt, path)
+        try:
+            names = os.listdir(d)
+        except OSError:
+            return False
+        return bool(names) and not any(os.path.lexists(os.path.join(d, n)) for n in names)
 
     def _only_nlink_differs(self, op: str, kw: dict[str, Any], a: Outcome, b: Outcome) -> bool:
         """Outcomes that are stat summaries differing in the link count only, where the SUT's
