@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections import OrderedDict
 from typing import NamedTuple
 
 from . import sys_linux as sl
@@ -46,6 +47,9 @@ CACHE_MAX = 1 << 18  # entries per read-only-branch cache before it starts over
 # per object ever seen, so the server's memory follows what the kernel holds (the kernel caches
 # attributes itself; a readdirplus reads a directory's stats in one pass just before using them)
 STAT_CACHE_MAX = 1 << 13
+# O_PATH fds of the upper's most recently used directories: an upper lookup, stat or change then
+# costs no openat2 path walk (the union drops them whenever a directory there moves or goes)
+DIRFD_CACHE_MAX = 64
 
 _DIR = BranchEntry(Kind.DIR)
 _DIR_OPAQUE = BranchEntry(Kind.DIR, opaque=True)
@@ -77,6 +81,7 @@ class Branch:
         self._dirinfo: dict[bytes, DirInfo] = {}
         self._links: dict[int, list[bytes]] | None = None
         self._stats: dict[bytes, os.stat_result] = {}
+        self._dirfds: OrderedDict[bytes, int] = OrderedDict()
         # the upper's lstat taken by the latest entry(), reused by the stat() that follows it in
         # the same request (nothing runs in between: the server is single-threaded)
         self._last: tuple[bytes, os.stat_result] | None = None
@@ -119,6 +124,7 @@ class Branch:
         self._last = None
 
     def close(self) -> None:
+        self.forget_dirs()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -126,9 +132,34 @@ class Branch:
     # --- directory fds -------------------------------------------------------------------
     def open_dir(self, rel: bytes, flags: int = O_DIR_PATH) -> int:
         """A new fd for directory REL of this branch, never through a symlink."""
+        if flags == O_DIR_PATH and self.writable:
+            return os.dup(self.dir_fd(rel))
         if not rel:
             return sl.openat2(self.fd, b".", flags)
         return sl.openat2(self.fd, rel, flags)
+
+    def dir_fd(self, rel: bytes) -> int:
+        """An O_PATH fd of directory REL of the upper branch, owned by the branch (do not close
+        it); the union calls `forget_dirs` whenever a directory there moves or goes."""
+        assert self.writable
+        if not rel:
+            return self.fd
+        fds = self._dirfds
+        fd = fds.get(rel)
+        if fd is not None:
+            fds.move_to_end(rel)
+            return fd
+        fd = sl.openat2(self.fd, rel, O_DIR_PATH)
+        if len(fds) >= DIRFD_CACHE_MAX:
+            os.close(fds.popitem(last=False)[1])
+        fds[rel] = fd
+        return fd
+
+    def forget_dirs(self) -> None:
+        """Close the cached directory fds (a directory of this branch moved or was removed)."""
+        fds = self._dirfds
+        while fds:
+            os.close(fds.popitem()[1])
 
     # --- reading entries -----------------------------------------------------------------
     def stat(self, rel: bytes) -> os.stat_result:
@@ -179,6 +210,8 @@ class Branch:
         parent, name = split(rel)
         if not name:
             return os.fstat(self.fd)
+        if self.writable:
+            return os.stat(name, dir_fd=self.dir_fd(parent), follow_symlinks=False)
         pfd = self.open_dir(parent)
         try:
             return os.stat(name, dir_fd=pfd, follow_symlinks=False)
@@ -195,15 +228,12 @@ class Branch:
                     return BranchEntry(Kind.DIR, opaque, e.hides_below, redirect)
             return e
         try:
-            pfd = self.open_dir(parent)
+            pfd = self.dir_fd(parent)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
                 return MISSING
             raise
-        try:
-            return self._entry_at(pfd, parent, name)
-        finally:
-            os.close(pfd)
+        return self._entry_at(pfd, parent, name)
 
     def _entry_at(self, pfd: int, parent: bytes, name: bytes) -> BranchEntry:
         hides = _exists(pfd, b".wh." + name)

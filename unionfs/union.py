@@ -153,6 +153,7 @@ class Union:
         # branch has them (as overlayfs does), without `_visible_links`' walk of the whole
         # branch: stat of hard-linked files in a container stays cheap.
         self._links_hidden = config.upper is not None and bool(os.listdir(config.upper))
+        self._moves_dirs = False  # the rename under way may move upper directories
         # moved directories of each branch (`_redirects`); the upper's entry is dropped whenever
         # a directory moves there
         self._redirect_maps: dict[int, dict[bytes, bytes]] = {}
@@ -387,7 +388,8 @@ class Union:
         node.nlookup += 1
         return node, st
 
-    def _lookup_child(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+    def _lookup_child(self, parent: Node, name: bytes, link: bool = True
+                      ) -> tuple[Node, os.stat_result]:
         # Which branches hold a name changes only through operations on its directory, which
         # drop the cache (`_changed`); attributes of upper objects are always read afresh.
         # A name whose paths are the parent's paths plus the name (no moved directory on the
@@ -423,11 +425,11 @@ class Union:
                 children[name] = (res, paths)
             top = res.branches[0]
             st = self.branches[top].stat_after_entry(paths[top])
-        if self.links and top and st.st_nlink > 1 and res.kind is not Kind.DIR:
+        if link and self.links and top and st.st_nlink > 1 and res.kind is not Kind.DIR:
             rec = self.links.for_lower(top, st)
             if rec is not None:  # another name of a copied-up hard link: link the copy here
                 self._link_copy(rec, parent, name)
-                return self._lookup_child(parent, name)
+                return self._lookup_child(parent, name, link=False)
         return self._node_for(parent, name, res, paths, st=st)
 
     def forget(self, ino: int, count: int) -> None:
@@ -655,6 +657,8 @@ class Union:
     def _make_whiteout(self, pfd: int, name: bytes, existing: str | None) -> None:
         """Leave a whiteout at PFD/NAME. EXISTING: None, "file" or "dir" (an upper object there,
         already checked to hide only empty content) which the whiteout replaces atomically."""
+        if existing == "dir":
+            self._dirs_moved()
         if self.chardev_whiteouts:
             tmp = self._tmpname()
             if existing is None:
@@ -678,10 +682,17 @@ class Union:
         elif existing == "file":
             os.unlink(name, dir_fd=pfd)
 
+    def _dirs_moved(self) -> None:
+        """An upper directory is about to move or go: its cached fd (`Branch.dir_fd`) and
+        those of everything below it would name the wrong directory."""
+        if self.upper is not None:
+            self.upper.forget_dirs()
+
     def _remove_upper(self, pfd: int, name: bytes, is_dir: bool) -> None:
         if not is_dir:
             os.unlink(name, dir_fd=pfd)
             return
+        self._dirs_moved()
         try:
             os.rmdir(name, dir_fd=pfd)
         except OSError as e:
@@ -763,6 +774,7 @@ class Union:
         if rec is not None:
             assert self.links is not None
             self.links.add(rec, ust)
+            self._link_known_names(node, rec, st)
         elif not node.is_dir and st.st_nlink > 1 and not src.writable:
             self._copy_up_links(node, src, st)
 
@@ -804,6 +816,17 @@ class Union:
         finally:
             os.close(dpfd)
         self._changed(parent, name)
+
+    def _link_known_names(self, node: Node, rec: Pending, st: os.stat_result) -> None:
+        """Link REC's copy at the other names of NODE that the kernel knows (the operation under
+        way may be on one of them: the copy is placed at the node's first name)."""
+        assert self.links is not None
+        for parent, name in list(node.aliases or ()):
+            res, _, paths = self._resolve(parent, name)
+            if res.kind is Kind.OTHER and res.branches[0] == rec.branch:
+                lst = self.branches[rec.branch].stat(paths[rec.branch])
+                if (lst.st_dev, lst.st_ino) == (st.st_dev, st.st_ino):
+                    self._link_at(self.links.fd, rec.key, parent, name)
 
     def _link_copy(self, rec: Pending, parent: Node, name: bytes) -> None:
         """Lookup met PARENT/NAME, another name of REC's lower object: link the copy there."""
@@ -878,6 +901,7 @@ class Union:
         if not replace:
             sl.renameat2(self.work_fd, tmp, pfd, name, sl.RENAME_NOREPLACE)
         elif is_dir:
+            self._dirs_moved()  # the whiteout replaced may be a directory (`DEAD_XATTRS`)
             sl.renameat2(self.work_fd, tmp, pfd, name, sl.RENAME_EXCHANGE)
             self._purge(self.work_fd, tmp)
         else:
@@ -1115,6 +1139,17 @@ class Union:
     # --- rename ------------------------------------------------------------------------
     def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
                new_name: bytes, flags: int) -> None:
+        self._moves_dirs = False
+        try:
+            self._rename(old_parent_ino, old_name, new_parent_ino, new_name, flags)
+        finally:
+            if self._moves_dirs:
+                # what was cached by path, before or during the rename, may name the wrong
+                # directory now
+                self._dirs_moved()
+
+    def _rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
+                new_name: bytes, flags: int) -> None:
         code = check_name(new_name)
         if code:
             raise _err(code)
@@ -1128,6 +1163,9 @@ class Union:
             raise _err(errno.ENOENT)
         dres, dentries, dpaths = self._resolve(np, new_name)
         exists = dres.kind is not Kind.MISSING
+        # (a whiteout may be a directory, see `DEAD_XATTRS`)
+        self._moves_dirs = Kind.DIR in (sres.kind, dres.kind) or any(
+            b == 0 and e.kind is Kind.WHITEOUT for b, e in dentries)
         if flags & sl.RENAME_NOREPLACE and exists:
             raise _err(errno.EEXIST)
         if flags & sl.RENAME_EXCHANGE and not exists:

@@ -280,3 +280,17 @@ def test_rmdir_of_a_one_layer_directory_holding_only_xattr_whiteouts() -> None:
     stack = Stack([Layer({"d": Dir(), "d/x": Whiteout("xattr")}), Layer({"f": File()})])
     with pytest.raises(hypothesis.errors.UnsatisfiedAssumption):
         replay(stack, [("readdir", {"path": "d"}), ("rmdir", {"path": "d"})])
+
+
+def test_rename_of_a_hard_link_whose_other_name_the_kernel_looked_up_first() -> None:
+    # found by the state machine on the lazy hard-link index: the node of the inode carries the
+    # name looked up first ('é x/a'); copy-up placed the copy there only, and the rename of 'a'
+    # then found no upper 'a' (ENOENT). Copy-up now links every name the kernel knows at once.
+    stack = Stack([Layer({"é x": Dir(), "é x/a": File(), "a": HardLink("é x/a"),
+                          "b": Dir(), "b/c": Dir(), "b/c/a": File()})], Layer({"b": Dir()}))
+    replay(stack, [
+        ("remount", {}),
+        ("mkfifo", {"path": "é x/a", "mode": 0o644}),
+        ("rename", {"src": "b/c/a", "dst": "é x/b", "flags": 0}),
+        ("rename", {"src": "a", "dst": "é x/b", "flags": 0}),
+    ])

@@ -121,6 +121,24 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def cached_dir_fds(pid: int, under: Path) -> int:
+    """How many of the server's fds are O_PATH fds of directories below UNDER (the upper
+    branch's directory fd cache, `Branch.dir_fd`, bounded by DIRFD_CACHE_MAX)."""
+    n = 0
+    prefix = str(under).rstrip("/") + "/"
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                flags = next(int(line.split()[1], 8) for line in info
+                             if line.startswith("flags:"))
+        except (OSError, StopIteration):
+            continue
+        if flags & os.O_PATH and target.startswith(prefix) and os.path.isdir(target):
+            n += 1
+    return n
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

@@ -15,13 +15,15 @@ import os
 import platform
 import signal
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from benchmarks.util import catches_signal
-from tests.helpers.mounts import Mount
+from tests.helpers.mounts import Mount, unmount
 from tests.unionfs.conftest import Stack, write
 from unionfs.mountinfo import device_of
 from unionfs.ops import dircache_supported
@@ -300,3 +302,57 @@ def test_noopen_writes_copy_up_at_the_first_write_and_keep_posix_semantics(
         os.close(fd)
         assert (m / "n").read_text() == "second"
         assert os.listdir(stack.work / "work") == []
+
+
+_STEPS_SCRIPT = r'''
+import os, stat, sys
+import pyfuse3, trio
+
+class Ops(pyfuse3.Operations):
+    requests = 0
+
+    async def getattr(self, inode, ctx=None):
+        Ops.requests += 1
+        a = pyfuse3.EntryAttributes()
+        a.st_ino, a.st_mode, a.st_nlink = inode, stat.S_IFDIR | 0o755, 2
+        a.attr_timeout = a.entry_timeout = 0
+        return a
+
+class Steps(trio.abc.Instrument):
+    n = 0
+
+    def before_task_step(self, task):
+        if task.name.startswith("pyfuse-"):
+            Steps.n += 1
+
+async def main(mnt):
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pyfuse3.main, 1, 1)
+        await trio.sleep(0.2)
+        steps, reqs = Steps.n, Ops.requests
+        await trio.to_thread.run_sync(lambda: [os.stat(mnt) for _ in range(300)])
+        print(Steps.n - steps, Ops.requests - reqs)
+        pyfuse3.terminate()
+
+mnt = sys.argv[1]
+pyfuse3.init(Ops(), mnt, ["fsname=steps"])
+try:
+    trio.run(main, mnt, instruments=[Steps()])
+finally:
+    pyfuse3.close(unmount=True)
+'''
+
+
+def test_the_single_worker_loop_steps_once_per_request(tmp_path: Path) -> None:
+    """third_party patch item 4: with max_tasks=1 pyfuse3's loop waits for the FUSE fd without
+    the read lock, so its task runs one step per request (three with the lock)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        out = subprocess.run([sys.executable, "-c", _STEPS_SCRIPT, str(mnt)], timeout=60,
+                             capture_output=True, text=True, check=True).stdout
+    finally:
+        unmount(mnt)
+    steps, reqs = map(int, out.split())
+    assert reqs >= 300
+    assert steps / reqs < 1.5, (steps, reqs)

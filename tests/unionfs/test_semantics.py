@@ -3,6 +3,7 @@ copy-up, and the on-disk formats it reads and writes."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -400,3 +401,44 @@ def test_upper_interoperates_with_kernel_overlayfs_both_ways(stack: Stack) -> No
         assert sorted(os.listdir(m)) == ["by-kernel", "d", "moved"]
         assert (m / "by-kernel").read_bytes() == b"kk"
         assert os.listdir(m / "moved") == []
+
+
+@pytest.mark.parametrize("how", ["rename", "rmdir", "exchange", "whiteout"])
+def test_a_directory_path_reused_after_the_directory_moved_or_went(stack: Stack, how: str) -> None:
+    """Upper directory fds are cached by path (Branch.dir_fd): after a directory there moves
+    or goes, its path (and paths below it) must reach whatever holds the path now."""
+    write(stack.lowers[0] / "low" / "x", b"lower")
+    with stack.mount():
+        m = stack.mnt
+        (m / "d" / "sub").mkdir(parents=True)
+        write(m / "d" / "sub" / "old", b"old")
+        write(m / "low" / "new", b"n")  # the upper now holds low/ too
+        if how == "rename":
+            os.rename(m / "d", m / "e")
+        elif how == "exchange":
+            (m / "e").mkdir()
+            libc = ctypes.CDLL(None, use_errno=True)
+            assert libc.renameat2(-100, bytes(m / "d"), -100, bytes(m / "e"), 2) == 0  # EXCHANGE
+            os.rename(m / "d", m / "gone")
+        elif how == "whiteout":
+            os.unlink(m / "low" / "x")
+            os.unlink(m / "low" / "new")
+            os.rmdir(m / "low")
+            (m / "low").mkdir()
+            write(m / "low" / "again", b"a")
+        else:
+            os.unlink(m / "d" / "sub" / "old")
+            os.rmdir(m / "d" / "sub")
+            os.rmdir(m / "d")
+        if how != "whiteout":
+            (m / "d" / "sub").mkdir(parents=True)
+            write(m / "d" / "sub" / "fresh", b"f")
+            assert os.listdir(m / "d" / "sub") == ["fresh"]
+            assert sorted(os.listdir(stack.upper / "d" / "sub")) == ["fresh"]
+        else:
+            assert os.listdir(m / "low") == ["again"]
+            assert "again" in os.listdir(stack.upper / "low")
+            assert "x" not in os.listdir(stack.upper / "low")
+        if how in ("rename", "exchange"):
+            assert (m / "e" / "sub" / "old").read_bytes() == b"old"
+            assert os.listdir(stack.upper / "e" / "sub") == ["old"]
