@@ -55,6 +55,7 @@ from .core.resolve import BranchEntry, Kind, Resolution, resolve
 MAGIC = b"unionfs-lowerindex"
 VERSION = 1
 CHECKS = ("dirs", "roots")
+SEEN_MAX = 1 << 12
 
 # one entry code: Kind value in the low two bits, then flags
 _OPAQUE = 4
@@ -204,6 +205,9 @@ class LowerIndex:
         self.roots = roots
         self.redirects = redirects
         self.records: dict[Layers, _Record] = {}
+        # id(node.lowers) -> (that tuple, its record): a node's tuple is asked about again and
+        # again, and hashing a 64-layer key costs more than the rest of the lookup
+        self._seen: dict[int, tuple[Layers, _Record]] = {}
         self.by_layer: dict[tuple[int, bytes], _Record] = {}
         for layers, names in records:
             bound = tuple((p + first, rel) for p, rel in layers)
@@ -218,9 +222,17 @@ class LowerIndex:
         (branch, entry) top-first without the plain missing ones, and the layers' paths by
         branch; None when the index does not describe that directory or the name involves a
         moved directory (probe instead)."""
-        rec = self.records.get(lowers)
-        if rec is None:
-            return None
+        seen = self._seen.get(id(lowers))
+        if seen is not None and seen[0] is lowers:
+            rec = seen[1]
+        else:
+            found = self.records.get(lowers)
+            if found is None:
+                return None
+            rec = found
+            if len(self._seen) >= SEEN_MAX:
+                self._seen.clear()
+            self._seen[id(lowers)] = (lowers, rec)
         codes = rec.names.get(name)
         if codes is None:
             return [], rec.rels
