@@ -245,6 +245,12 @@ class LowerIndex:
             out.append((codes[i] + first, _ENTRIES[c]))
         return out, rec.rels
 
+    def drop_caches(self) -> None:
+        """Forget what was derived from the records on demand (`Union.shrink`)."""
+        self._seen.clear()
+        for rec in self.records.values():
+            rec.listings = None
+
     def view(self, branch: int) -> BranchView:
         return BranchView(self, branch)
 

@@ -444,6 +444,8 @@ class Union:
         self._peak_nodes = len(self.inodes.nodes)
         for b in self.branches:
             b.drop_caches()
+        if self.lindex is not None:
+            self.lindex.drop_caches()
         for node in self.inodes.nodes.values():
             node.children = None
             node.merged = None
