@@ -349,8 +349,34 @@ class UnionfsNoopen(Unionfs):
         return argv
 
 
+class UnionfsIndex(Unionfs):
+    """unionfs with `-o lowerindex=FILE`: the index of the lower layers is built before the
+    mount, outside any timed region (as mountctl builds it once per image), with
+    `python -m unionfs index build`; the mount then checks it (one stat per indexed directory
+    per layer, also untimed). Not in "all"."""
+
+    name = "unionfs-index"
+
+    @contextlib.contextmanager
+    def mount(self, stack: Stack, where: Path,
+              env: dict[str, str] | None = None) -> Iterator[Mounted]:
+        index = where / "lower.idx"
+        senv, _ = self.server_env(where, env)
+        run([sys.executable, "-m", "unionfs", "index", "build", "-o",
+             f"lowerdir={mounts.lowerdir_option(stack.layers)}", str(index)], env=senv)
+        with super().mount(stack, where, env) as m:
+            yield m
+
+    def argv(self, stack: Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
+        argv = super().argv(stack, upper, work, mnt)
+        index = mnt.parent / "lower.idx"
+        argv[argv.index("-o") + 1] += f",lowerindex={mounts.esc(index)}"
+        return argv
+
+
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
-    Native(), Overlay(), FuseOverlayfs(), UnionfsFuse(), Unionfs(), UnionfsNoopen())}
+    Native(), Overlay(), FuseOverlayfs(), UnionfsFuse(), Unionfs(), UnionfsNoopen(),
+    UnionfsIndex())}
 
 
 def probe_unionfs_fuse(chosen: list[Backend], skipped: dict[str, str]) -> str | None:

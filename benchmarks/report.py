@@ -20,7 +20,8 @@ from .util import fmt_ratio, fmt_seconds, render_table
 
 REFERENCE = "fuse-overlayfs"
 COLORS = {"native": "#7f7f7f", "overlay": "#1f77b4", "fuse-overlayfs": "#2ca02c",
-          "unionfs-fuse": "#9467bd", "unionfs": "#d62728", "unionfs-noopen": "#ff7f0e"}
+          "unionfs-fuse": "#9467bd", "unionfs": "#d62728", "unionfs-noopen": "#ff7f0e",
+          "unionfs-index": "#8c564b"}
 
 
 class MissingDependency(RuntimeError):
@@ -67,7 +68,8 @@ def ratio_table(res: Results, reference: str) -> str:
 def server_table(res: Results) -> str:
     """Server CPU seconds per workload for every FUSE backend, and unionfs request counts."""
     fuse = [b for b in res.backends
-            if b in ("fuse-overlayfs", "unionfs-fuse", "unionfs", "unionfs-noopen")]
+            if b in ("fuse-overlayfs", "unionfs-fuse", "unionfs", "unionfs-noopen",
+                     "unionfs-index")]
     if not fuse:
         return ""
     header = ["workload", *(f"cpu {b}" for b in fuse)]

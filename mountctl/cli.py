@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
-from mountctl import __version__, idmap, ovl
+from mountctl import __version__, idmap, lindex, ovl
 from mountctl.containers import Container, ContainerError, Containers
 from mountctl.export import committed_config, export_upper, sidecar_lookup
 from mountctl.image import ImageError
@@ -151,6 +151,7 @@ def cmd_rmi(store: Store, args: argparse.Namespace) -> int:
             if res.deleted:
                 print(f"Deleted: {res.id}")
             ovl.gc(store.root, store.layers_dir)
+            lindex.gc(store.root)
 
         try:
             _in_userns(_store_map(), work)

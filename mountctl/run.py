@@ -55,7 +55,7 @@ from types import FrameType
 from typing import NoReturn
 
 from mountctl import idmap as ids_mod
-from mountctl import ovl, rootfs
+from mountctl import lindex, ovl, rootfs
 from mountctl import syscalls as sc
 from mountctl.containers import Container, Containers, new_id, proc_start_time
 from mountctl.layers import remove_tree
@@ -230,11 +230,14 @@ def mount_overlay(store: Store, lowers: Sequence[Path], c: Container, rootless: 
     return _Union("overlay", c.merged)
 
 
-def start_unionfs(lowers: Sequence[Path], c: Container, signals: _Signals) -> _Union:
-    """unionfs in the foreground as our child, in its own session; wait for its mount."""
+def start_unionfs(lowers: Sequence[Path], c: Container, signals: _Signals,
+                  index: Path | None = None) -> _Union:
+    """unionfs in the foreground as our child, in its own session; wait for its mount.
+    INDEX: the stack's lower index (`lindex`), if there is one."""
     opts = ",".join([f"lowerdir={':'.join(_esc(p) for p in lowers)}",
                      f"upperdir={_esc(c.upper)}", f"workdir={_esc(c.work)}", "fsname=mountctl",
-                     "nodev"])
+                     "nodev", *([f"lowerindex={_esc(index)}", f"lowerindex_check={lindex.CHECK}"]
+                                if index is not None else [])])
     log = c.dir / "unionfs.log"
     with open(log, "ab") as logf:
         server = subprocess.Popen(
@@ -273,7 +276,7 @@ def mount_union(store: Store, lowers: Sequence[Path], c: Container, driver: str,
             if driver == "overlay":
                 raise RunError(f"kernel overlayfs refused to mount the container's root: "
                                f"{e.strerror or e} (try --driver fuse)") from None
-    return start_unionfs(lowers, c, signals)
+    return start_unionfs(lowers, c, signals, lindex.ensure(store.root, lowers))
 
 
 # --------------------------------------------------------------------------- container side

@@ -16,7 +16,7 @@ import errno
 import os
 import stat
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from . import sys_linux as sl
 from .core.formats import (
@@ -42,6 +42,15 @@ class DirInfo(NamedTuple):
 
 
 _NO_INFO = DirInfo(False, None, None)
+
+
+class LayerKnowledge(Protocol):
+    """What a lower index (`layerindex.BranchView`) knows of this branch: None = not known."""
+
+    def listing(self, rel: bytes) -> Listing | None: ...
+
+    def dir_info(self, rel: bytes) -> tuple[bool, bytes | None] | None: ...
+
 CACHE_MAX = 1 << 18  # entries per read-only-branch cache before it starts over
 # lstat results are the largest cached items (about 600 bytes each): keep a working set, not one
 # per object ever seen, so the server's memory follows what the kernel holds (the kernel caches
@@ -85,6 +94,8 @@ class Branch:
         # the upper's lstat taken by the latest entry(), reused by the stat() that follows it in
         # the same request (nothing runs in between: the server is single-threaded)
         self._last: tuple[bytes, os.stat_result] | None = None
+        # a read-only branch's directories as a lower index describes them (read, not probed)
+        self.known: LayerKnowledge | None = None
 
     def hardlinks(self, ino: int) -> list[bytes]:
         """Every path of this (read-only) branch whose non-directory has inode INO.
@@ -263,6 +274,13 @@ class Branch:
             info = self._dirinfo.get(rel)
             if info is not None:
                 return info
+            known = self.known.dir_info(rel) if self.known is not None else None
+            if known is not None:
+                info = DirInfo(known[0], known[1], None) if known[0] or known[1] else _NO_INFO
+                if len(self._dirinfo) >= CACHE_MAX:
+                    self._dirinfo.clear()
+                self._dirinfo[rel] = info
+                return info
         info = self._read_dir_info(rel)
         if not self.writable:
             if len(self._dirinfo) >= CACHE_MAX:
@@ -305,7 +323,9 @@ class Branch:
             cached = self._listings.get(rel)
             if cached is not None:
                 return cached
-        lst = self._scan(rel)
+        lst = self.known.listing(rel) if self.known is not None else None
+        if lst is None:
+            lst = self._scan(rel)
         if not self.writable:
             if len(self._listings) >= CACHE_MAX >> 4:
                 self._listings.clear()

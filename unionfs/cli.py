@@ -1,6 +1,7 @@
 """The command line, compatible with fuse-overlayfs, turned into a checked, frozen `Config`.
 
     unionfs [-f] [-d] -o lowerdir=L1:L2,upperdir=U,workdir=W[,opt...] [SOURCE] MOUNTPOINT
+    unionfs index build -o lowerdir=L1:L2:... FILE      (a lower index, see layerindex.py)
 
 Bad input is reported as one line on stderr and exit status 1 (2 for usage errors), never a
 traceback. `parse_options` and `check` are separate from `main` so tests can call them directly.
@@ -37,6 +38,13 @@ mount options (-o, comma separated, may repeat):
                        (ENOSPC, EROFS) surface from write/fsync/close instead of open
   dircache=0|1         kernel caches directory listings, no opendir/releasedir requests
                        (default 1; needs the pyfuse3 that scripts/setup.sh builds, else off)
+  lowerindex=FILE      an index of the lower branches (`unionfs index build`): lookups read
+                       the lower layers from it instead of probing each one; the mount fails
+                       if the index was built for other layers or a layer changed since
+  lowerindex_check=dirs|roots
+                       how the index is checked at mount: every indexed directory's inode,
+                       mtime and ctime (dirs, default), or only the layers' roots (roots: for
+                       layers that are immutable by construction, as in mountctl's store)
   allow_other          let other users in (default when run as root)
   allow_root           accepted for compatibility (implies allow_other)
   default_permissions  kernel permission checks (always on)
@@ -123,7 +131,7 @@ def parse_options(opts: Sequence[str]) -> dict[str, object]:
                 if not value or any(not d for d in dirs):
                     raise UsageError("lowerdir: empty branch path")
                 res["lowerdir"] = dirs
-            elif key in ("upperdir", "workdir", "fsname"):
+            elif key in ("upperdir", "workdir", "fsname", "lowerindex"):
                 if not value:
                     raise UsageError(f"{key}: empty value")
                 res[key] = _unescape(value)
@@ -148,6 +156,10 @@ def parse_options(opts: Sequence[str]) -> dict[str, object]:
                 if not 0 <= kib <= 65536:
                     raise UsageError("readahead: expected 0..65536 KiB")
                 res["readahead"] = kib
+            elif key == "lowerindex_check":
+                if value not in ("dirs", "roots"):
+                    raise UsageError(f"lowerindex_check: expected dirs or roots, got {value!r}")
+                res[key] = value
             elif key in ("dircache", "noopen"):
                 if value not in ("0", "1"):
                     raise UsageError(f"{key}: expected 0 or 1, got {value!r}")
@@ -236,6 +248,12 @@ def check(settings: dict[str, object], mountpoint: str, foreground: bool, debug:
     timeout = settings.get("timeout", 86400.0)
     assert isinstance(fsname, str) and isinstance(timeout, float)
     writeback = settings.get("writeback", True)
+    lowerindex = settings.get("lowerindex")
+    if lowerindex is not None:
+        assert isinstance(lowerindex, str)
+        if not os.path.isfile(lowerindex):
+            raise UsageError(f"lowerindex {lowerindex!r} is not a file")
+        lowerindex = os.path.realpath(lowerindex)
     return Config(
         lowers=tuple(lowers), mountpoint=mnt, upper=upper, work=work,
         foreground=foreground or debug, debug=debug, fsname=fsname,
@@ -244,6 +262,8 @@ def check(settings: dict[str, object], mountpoint: str, foreground: bool, debug:
         dircache=bool(settings.get("dircache", True)),
         noopen=bool(settings.get("noopen", False)),
         readahead_kib=int(settings.get("readahead", 1024)),  # type: ignore[call-overload]
+        lowerindex=lowerindex,
+        lowerindex_check=str(settings.get("lowerindex_check", "dirs")),
     )
 
 
@@ -266,9 +286,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+INDEX_USAGE = "usage: unionfs index build -o lowerdir=L1:L2:... FILE"
+
+
+def index_main(argv: Sequence[str]) -> int:
+    """`unionfs index build -o lowerdir=L1:L2:... FILE`: write the lower index of a stack."""
+    p = argparse.ArgumentParser(
+        prog="unionfs index build",
+        description="Walk the lower branches once and write what they hold to FILE, for "
+                    "`-o lowerindex=FILE` (rebuild it whenever a layer changes).")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="lowerdir=L1:L2:... (top first, as for mounting; other mount "
+                        "options are accepted and ignored)")
+    p.add_argument("file", metavar="FILE")
+    args = p.parse_args(argv)
+    try:
+        settings = parse_options(args.options)
+        lowers_raw = settings.get("lowerdir")
+        if not lowers_raw:
+            raise UsageError("missing -o lowerdir=DIR[:DIR...]")
+        assert isinstance(lowers_raw, list)
+        lowers = [_is_dir(d, "lowerdir") for d in lowers_raw]
+    except UsageError as e:
+        print(f"unionfs: {e}", file=sys.stderr)
+        return 1
+    from .layerindex import write
+
+    try:
+        write(lowers, args.file)
+    except OSError as e:
+        print(f"unionfs: cannot build the index {args.file!r}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["index"]:
+        if args_list[1:2] != ["build"]:
+            print(INDEX_USAGE, file=sys.stderr)
+            return 2
+        return index_main(args_list[2:])
     parser = build_parser()
-    args = parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(args_list)
     if len(args.paths) > 2:
         parser.error("too many arguments: expected [SOURCE] MOUNTPOINT")
     mountpoint = args.paths[-1]

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import copyup
+from . import copyup, layerindex
 from . import sys_linux as sl
 from .branch import O_DIR_PATH, Branch, join, split
 from .config import Config
@@ -139,6 +139,9 @@ class Union:
             self.branches.append(self.upper)
         for p in config.lowers:
             self.branches.append(Branch(len(self.branches), p, writable=False))
+        self.lindex = (layerindex.attach(config.lowerindex, self.branches,
+                                         config.lowerindex_check)
+                       if config.lowerindex else None)
         self.privileged = os.geteuid() == 0
         self._fh = itertools.count(1)
         self._tmp = itertools.count(1)
@@ -278,6 +281,12 @@ class Union:
         path of NAME in each branch that contributes to the resolution)."""
         if not parent.is_dir:
             raise _err(errno.ENOTDIR)
+        if self.lindex is not None:  # the lower layers read from the index, if it knows them
+            known = layerindex.resolve_indexed(
+                self.lindex, self.upper, parent.path() if parent.upper else b"", parent.upper,
+                parent.lowers, name)
+            if known is not None:
+                return known
         entries: list[tuple[int, BranchEntry]] = []
         paths: dict[int, bytes] = {}
         redirected: list[tuple[int, BranchEntry]] | None = None
@@ -458,6 +467,8 @@ class Union:
         self._peak_nodes = len(self.inodes.nodes)
         for b in self.branches:
             b.drop_caches()
+        if self.lindex is not None:
+            self.lindex.drop_caches()
         for node in self.inodes.nodes.values():
             node.children = None
             node.merged = None

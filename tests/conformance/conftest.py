@@ -1,7 +1,8 @@
 """Fixtures of the conformance suite: one set of POSIX tests, several targets.
 
 Targets (ids): `plain` (a directory on the host file system, validates the tests), the kernel
-overlayfs oracle `overlay-fresh` / `overlay-lower`, and `unionfs-fresh` / `unionfs-lower`.
+overlayfs oracle `overlay-fresh` / `overlay-lower`, and `unionfs-fresh` / `unionfs-lower` (plus
+`unionfs-noopen` and `unionfs-index`, lower-only directories with `noopen=1` / a lower index).
 `CONFORMANCE_EXTRA=fuse-overlayfs` adds `fusefs-fresh` / `fusefs-lower` (comma-separated list).
 
 *-fresh: the test directory is created through the mount (it lives in the upper branch only).
@@ -37,6 +38,7 @@ from tests.conformance.support import (
     materialise,
 )
 from tests.helpers.mounts import Mount, is_mounted, mounted
+from unionfs import layerindex
 
 BASE_TARGETS = [
     TargetSpec("plain", "plain", "plain"),
@@ -45,6 +47,7 @@ BASE_TARGETS = [
     TargetSpec("unionfs-fresh", "unionfs", "fresh"),
     TargetSpec("unionfs-lower", "unionfs", "lower"),
     TargetSpec("unionfs-noopen", "unionfs", "lower"),
+    TargetSpec("unionfs-index", "unionfs", "lower"),
 ]
 EXTRA_TARGETS = {
     "fuse-overlayfs": [
@@ -65,6 +68,8 @@ MOUNT_OPTIONS: dict[str, list[str]] = {
 TARGET_OPTIONS: dict[str, list[str]] = {
     "unionfs-noopen": ["noopen=1"],  # per-inode I/O: the kernel sends no open/release
 }
+# targets mounted with a lower index (`unionfs index build`) of their lower branch
+INDEXED = {"unionfs-index"}
 
 WATCHDOG_S = 20.0  # a single test never needs this long; a FUSE server that hangs is killed
 PROBE_S = 10.0
@@ -139,11 +144,15 @@ class Backend:
         work.mkdir()
         self.upper = upper
         log = self.base / f"server{g}.log" if self.spec.kind == "unionfs" else None
+        options = MOUNT_OPTIONS[self.spec.kind] + TARGET_OPTIONS.get(self.spec.id, [])
+        if self.spec.id in INDEXED:
+            index = self.base / "lower.idx"
+            if not index.exists():
+                layerindex.write([str(self.lower)], str(index))
+            options = [*options, f"lowerindex={index}"]
         self.stack = contextlib.ExitStack()
         self.mount = self.stack.enter_context(
-            mounted(self.spec.kind, [self.lower], upper, work, self.mnt,
-                    MOUNT_OPTIONS[self.spec.kind] + TARGET_OPTIONS.get(self.spec.id, []),
-                    log=log))
+            mounted(self.spec.kind, [self.lower], upper, work, self.mnt, options, log=log))
 
     def stop(self) -> None:
         self.stack.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import marshal
 import os
 import signal
 import tarfile
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from mountctl import lindex
 from mountctl.store import Store
 from tests.helpers.images import Image, malicious_image
 from tests.mountctl.conftest import ArchiveFactory
@@ -347,3 +349,21 @@ def test_pid_1_reaps_orphans(mc: Mctl) -> None:
                 "while [ -e /proc/$p ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; "
                 "if [ -e /proc/$p ]; then cut -d' ' -f3 /proc/$p/stat; else echo reaped; fi")
     assert out == "PPid:1\nreaped\n"
+
+
+def test_fuse_run_builds_checks_and_reuses_the_lower_index(mc: Mctl) -> None:
+    """The first FUSE run of an image builds its lower index (mountctl/lindex.py); later runs
+    reuse it; an unusable one is rebuilt; gc keeps it while its layers exist."""
+    assert mc.ok("run", "--rm", *FUSE, "-u", "0", "busybox-test", "ls /bin/sh") == "/bin/sh\n"
+    found = sorted((mc.root / "lindex").glob("*.idx"))
+    assert len(found) == 1
+    idx = found[0]
+    lowers = Store(mc.root).lowerdirs("busybox-test")
+    assert lindex.ensure(mc.root, lowers) == idx
+    before = idx.stat().st_mtime_ns
+    assert mc.ok("run", "--rm", *FUSE, "-u", "0", "busybox-test", "echo again") == "again\n"
+    assert idx.stat().st_mtime_ns == before  # reused, not rebuilt
+    idx.write_bytes(b"not an index")
+    assert mc.ok("run", "--rm", *FUSE, "-u", "0", "busybox-test", "echo rebuilt") == "rebuilt\n"
+    assert marshal.loads(idx.read_bytes())[0] == b"unionfs-lowerindex"
+    assert lindex.gc(mc.root) == [] and idx.exists()

@@ -1,0 +1,373 @@
+"""The lower index (`unionfs/layerindex.py`): built on generated stacks, it must give the engine
+exactly the answers probing gives (both whiteout encodings, opaque directories, redirects),
+without reading the lower directories it describes; mounted, the tree must be the one unionfs
+shows without it and kernel overlayfs shows; a stale index is refused; and a cold lookup of a
+bottom-layer name must make no system call in the other layers (strace)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.differential.harness import ORACLE_OPTIONS, compare_views, snapshot
+from tests.differential.settings import diff_settings, require_environment, stack_strategy
+from tests.helpers.layers import PATH_POOL, Stack, materialise, to_oci
+from tests.helpers.mounts import mounted, unionfs_cmd, unmount
+from unionfs import layerindex
+from unionfs.branch import Branch
+from unionfs.config import Config
+from unionfs.core.resolve import Kind, lower_exists
+from unionfs.union import Union
+
+ROOT = os.geteuid() == 0
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="unionfs-lindex-"))
+    try:
+        yield d
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False, timeout=120)
+
+
+def _union(lowers: list[Path], upper: Path | None, work: Path | None,
+           index: Path | None) -> Union:
+    return Union(Config(lowers=tuple(str(p) for p in lowers), mountpoint="/nonexistent",
+                        upper=str(upper) if upper else None, work=str(work) if work else None,
+                        lowerindex=str(index) if index else None))
+
+
+def _view(u: Union, paths: list[bytes]) -> dict[bytes, object]:
+    """What the engine answers for every path: resolution, branch paths, whether a removal
+    would need a whiteout, and the merged listing of directories."""
+    out: dict[bytes, object] = {}
+    for p in paths:
+        found = u._walk(p)
+        if found is None:
+            out[p] = None
+            continue
+        parent, name, res, bpaths = found
+        _res, entries, _ = u._resolve(parent, name)
+        item: tuple[object, ...] = (res.kind, res.branches,
+                                    {b: bpaths[b] for b in res.branches},
+                                    lower_exists(entries))
+        if res.kind is Kind.DIR:
+            node, _st = u._node_for(parent, name, res, bpaths, register=False)
+            item += (node.lowers, [(m.name, m.branch, m.is_dir) for m in u.merged(node)])
+        out[p] = item
+    return out
+
+
+class _Probes:
+    """Counts the directory reads (listings, opaque/redirect probes) made in lower branches."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reads: list[tuple[str, bytes]] = []
+        scan, info = Branch._scan, Branch._read_dir_info
+
+        def counted_scan(b: Branch, rel: bytes):  # type: ignore[no-untyped-def]
+            if not b.writable:
+                self.reads.append((b.path, rel))
+            return scan(b, rel)
+
+        def counted_info(b: Branch, rel: bytes):  # type: ignore[no-untyped-def]
+            if not b.writable:
+                self.reads.append((b.path, rel))
+            return info(b, rel)
+
+        monkeypatch.setattr(Branch, "_scan", counted_scan)
+        monkeypatch.setattr(Branch, "_read_dir_info", counted_info)
+
+
+def _compare_engine(stack: Stack, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dirs = materialise(stack, root / "layers")
+    index = root / "lower.idx"
+    layerindex.write([str(p) for p in dirs.lowers], str(index))
+    paths = [p.encode() for p in PATH_POOL] + [b"", b"missing", b"a/missing"]
+    paths = [p for p in paths if p]
+    plain = _union(dirs.lowers, dirs.upper, dirs.work, None)
+    try:
+        want = _view(plain, paths)
+    finally:
+        plain.close()
+    with monkeypatch.context() as m:
+        probes = _Probes(m)
+        indexed = _union(dirs.lowers, dirs.upper, dirs.work, index)
+        try:
+            got = _view(indexed, paths)
+        finally:
+            indexed.close()
+    for p in paths:
+        assert got[p] == want[p], f"{p!r}: with the index {got[p]}, probing {want[p]}"
+    assert probes.reads == [], f"lower directories read despite the index: {probes.reads}"
+
+
+@pytest.mark.skipif(not ROOT, reason="trusted.* xattrs and mknod need root")
+@diff_settings(40)
+@given(stack=stack_strategy(), oci=st.booleans())
+def test_index_answers_what_probing_answers(stack: Stack, oci: bool) -> None:
+    root = Path(tempfile.mkdtemp(prefix="unionfs-lindex-"))
+    mp = pytest.MonkeyPatch()
+    try:
+        _compare_engine(to_oci(stack) if oci else stack, root, mp)
+    finally:
+        mp.undo()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _mkstack(root: Path, n: int) -> list[Path]:
+    lowers = [root / f"l{i}" for i in range(n)]
+    for p in lowers:
+        (p / "d").mkdir(parents=True)
+    return lowers
+
+
+def test_index_records_whiteouts_opaque_and_redirects(scratch: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hand-made stack with every marker the resolver reads: .wh. files, .wh..wh..opq, a
+    user.overlay.opaque directory, a 0/0 device (as root) and a directory moved with
+    overlay.redirect (resolved by probing: the index leaves it out and must not be wrong)."""
+    l0, l1, l2 = _mkstack(scratch, 3)
+    (l2 / "d" / "bottom").write_text("b")
+    (l2 / "d" / "hidden").write_text("h")
+    (l1 / "d" / ".wh.hidden").touch()
+    (l2 / "opq" / "old").mkdir(parents=True)
+    (l1 / "opq").mkdir()
+    (l1 / "opq" / ".wh..wh..opq").touch()
+    (l1 / "opq" / "new").touch()
+    (l2 / "xo").mkdir()
+    (l2 / "xo" / "below").touch()
+    (l0 / "xo").mkdir()
+    os.setxattr(l0 / "xo", "user.overlay.opaque", b"y")
+    (l2 / "from" / "sub").mkdir(parents=True)
+    (l2 / "from" / "sub" / "f").write_text("f")
+    (l0 / "to").mkdir()
+    os.setxattr(l0 / "to", "user.overlay.redirect", b"/from")
+    (l0 / ".wh.from").touch()
+    if ROOT:
+        (l1 / "d" / "gone").touch()
+        os.mknod(l0 / "d" / "gone", 0o600 | 0o020000, 0)
+    up, work = scratch / "u", scratch / "w"
+    up.mkdir()
+    work.mkdir()
+    (up / "d").mkdir()
+    (up / "d" / "upfile").touch()
+    data = layerindex.build([str(p) for p in (l0, l1, l2)])
+    index = scratch / "idx"
+    index.write_bytes(data)
+    # the moved directory is marked, and not descended into
+    _, _, _, _, records, redirects, _ = __import__("marshal").loads(data)
+    assert redirects == {(0, b"to"): b"/from"}
+    assert all(layers[0][1] != b"to" for layers, _ in records)
+
+    paths = [b"d", b"d/bottom", b"d/hidden", b"d/gone", b"d/upfile", b"opq", b"opq/old",
+             b"opq/new", b"xo", b"xo/below", b"to", b"to/sub", b"to/sub/f", b"from", b"nothing"]
+    plain = _union([l0, l1, l2], up, work, None)
+    try:
+        want = _view(plain, paths)
+    finally:
+        plain.close()
+    indexed = _union([l0, l1, l2], up, work, index)
+    try:
+        got = _view(indexed, paths)
+        indexed.shrink()  # drops what was derived from the index, not the index
+        again = _view(indexed, paths)
+    finally:
+        indexed.close()
+    assert got == want
+    assert again == want
+
+    def shown(p: bytes) -> bool:
+        v = want[p]
+        return isinstance(v, tuple) and v[0] is not Kind.MISSING
+
+    assert shown(b"d/bottom") and not shown(b"d/hidden") and shown(b"d/upfile")
+    assert not shown(b"opq/old") and shown(b"opq/new") and not shown(b"xo/below")
+    assert shown(b"to/sub/f") and not shown(b"from")
+    if ROOT:
+        assert not shown(b"d/gone")
+
+
+def test_stale_index_is_refused(scratch: Path) -> None:
+    lowers = _mkstack(scratch, 3)
+    (lowers[2] / "d" / "x").touch()
+    index = scratch / "idx"
+    layerindex.write([str(p) for p in lowers], str(index))
+    _union(lowers, None, None, index).close()  # fresh: accepted
+
+    time.sleep(0.01)
+    (lowers[2] / "d" / "late").touch()  # deep in the bottom layer
+    with pytest.raises(layerindex.LowerIndexError, match=r"stale.*'d'"):
+        _union(lowers, None, None, index)
+    # only the roots compared: that change goes unnoticed (the documented trade-off) ...
+    Union(Config(lowers=tuple(map(str, lowers)), mountpoint="/x", lowerindex=str(index),
+                 lowerindex_check="roots")).close()
+    # ... but a change at a root does not
+    (lowers[1] / "new").touch()
+    with pytest.raises(layerindex.LowerIndexError, match="changed at its root"):
+        Union(Config(lowers=tuple(map(str, lowers)), mountpoint="/x", lowerindex=str(index),
+                     lowerindex_check="roots"))
+    layerindex.write([str(p) for p in lowers], str(index))
+    with pytest.raises(layerindex.LowerIndexError, match="other layers"):
+        _union([lowers[1], lowers[0], lowers[2]], None, None, index)
+    with pytest.raises(layerindex.LowerIndexError, match="built for 3 layers"):
+        _union(lowers[:2], None, None, index)
+    index.write_bytes(b"garbage")
+    with pytest.raises(layerindex.LowerIndexError, match="not an index file"):
+        _union(lowers, None, None, index)
+    # a directory replaced by another of the same name (new inode)
+    layerindex.write([str(p) for p in lowers], str(index))
+    os.rename(lowers[0] / "d", scratch / "old-d")
+    (lowers[0] / "d").mkdir()
+    with pytest.raises(layerindex.LowerIndexError, match="stale"):
+        _union(lowers, None, None, index)
+
+
+def test_cli_builds_and_mount_refuses_stale(scratch: Path) -> None:
+    lowers = _mkstack(scratch, 2)
+    (lowers[1] / "d" / "f").write_text("data")
+    index = scratch / "idx"
+    opt = "lowerdir=" + ":".join(map(str, lowers))
+    r = subprocess.run([*unionfs_cmd(), "index", "build", "-o", opt, str(index)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert index.stat().st_size > 0
+    r = subprocess.run([*unionfs_cmd(), "index", "build", str(index)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "missing -o lowerdir" in r.stderr
+    r = subprocess.run([*unionfs_cmd(), "index"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "usage" in r.stderr
+    if not (ROOT and os.path.exists("/dev/fuse")):
+        return
+    mnt = scratch / "mnt"
+    mnt.mkdir()
+    with mounted("unionfs", lowers, None, None, mnt, [f"lowerindex={index}"]):
+        assert (mnt / "d" / "f").read_text() == "data"
+    (lowers[0] / "d" / "new").touch()
+    try:
+        r = subprocess.run([*unionfs_cmd(), "-o", f"{opt},lowerindex={index}", str(mnt)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1
+        assert "stale" in r.stderr and "unionfs index build" in r.stderr
+    finally:
+        unmount(mnt)
+
+
+# --- mounted ---------------------------------------------------------------------------------
+
+@pytest.mark.timeout(900)
+@diff_settings(6)
+@given(stack=stack_strategy(), oci=st.booleans())
+def test_mounted_tree_same_with_index_without_and_overlayfs(stack: Stack, oci: bool) -> None:
+    require_environment()
+    root = Path(tempfile.mkdtemp(prefix="unionfs-lindex-"))
+    try:
+        sut = materialise(to_oci(stack) if oci else stack, root / "sut")
+        orc = materialise(stack, root / "orc")
+        index = root / "lower.idx"
+        layerindex.write([str(p) for p in sut.lowers], str(index))
+        with mounted("unionfs", sut.lowers, sut.upper, sut.work, root / "m1",
+                     [f"lowerindex={index}"]):
+            with_index = snapshot(root / "m1")
+        with mounted("unionfs", sut.lowers, sut.upper, sut.work, root / "m2"):
+            without = snapshot(root / "m2")
+        with mounted("overlay", orc.lowers, orc.upper, orc.work, root / "m3",
+                     ORACLE_OPTIONS):
+            kernel = snapshot(root / "m3")
+        diffs = compare_views(with_index, without, "unionfs-index", "unionfs")
+        # mtimes and inode numbers too: the index must not change what is stat'ed
+        diffs += [f"{p!r}: mtime" for p in with_index
+                  if p in without and with_index[p].mtime_ns != without[p].mtime_ns]
+        diffs += compare_views(with_index, kernel, "unionfs-index", "overlay",
+                               nlink_model=True)
+        assert not diffs, "\n".join(diffs)
+    finally:
+        for m in ("m1", "m2", "m3"):
+            unmount(root / m)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False, timeout=120)
+
+
+# --- syscalls of a cold lookup -----------------------------------------------------------------
+
+def _traced_lookup(scratch: Path, lowers: list[Path], name: str, options: list[str]
+                   ) -> list[str]:
+    """Paths the server's system calls touched (strace -y) during one cold lookup of NAME."""
+    mnt = scratch / "mnt"
+    mnt.mkdir(exist_ok=True)
+    out = scratch / "strace.txt"
+    with mounted("unionfs", lowers, None, None, mnt, options) as m:
+        assert m.server is not None
+        tracer = subprocess.Popen(["strace", "-f", "-y", "-qq", "-o", str(out), "-p",
+                                   str(m.server.pid)], stderr=subprocess.PIPE)
+        try:
+            time.sleep(1.0)  # attached (strace has no readiness signal; generous)
+            os.lstat(mnt / name)
+            with pytest.raises(FileNotFoundError):
+                os.lstat(mnt / (name + ".missing"))
+            time.sleep(0.3)
+        finally:
+            tracer.terminate()
+            tracer.wait(timeout=30)
+    text = out.read_text(errors="replace")
+    assert "lstat" in text or "stat" in text, f"nothing traced:\n{text[:2000]}"
+    return re.findall(r"<(/[^>]*)>", text) + re.findall(r'"(/[^"]*)"', text)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None or not ROOT or not os.path.exists("/dev/fuse"),
+                    reason="needs strace, root and /dev/fuse")
+def test_cold_lookup_with_index_touches_only_the_holding_layer(scratch: Path) -> None:
+    n = 16
+    lowers = _mkstack(scratch / "layers", n)
+    for i, p in enumerate(lowers):
+        (p / "d" / f"only{i}").touch()
+    (lowers[-1] / "d" / "bottom").write_text("x")
+    index = scratch / "idx"
+    layerindex.write([str(p) for p in lowers], str(index))
+    # the lookup of "d" stats it in its top layer (a directory's attributes), nothing else there
+    top = str(lowers[0])
+    others = [str(p) for p in lowers[1:-1]]
+
+    def touched_others(paths: list[str]) -> set[str]:
+        out = {o for o in others for p in paths if p == o or p.startswith(o + "/")}
+        return out | {p for p in paths if p.startswith(top + "/") and p != top + "/d"}
+
+    without = _traced_lookup(scratch, lowers, "d/bottom", [])
+    # the control: without the index the lookup reads the other layers (so the trace sees them)
+    assert len(touched_others(without)) >= n - 2, without
+    with_index = _traced_lookup(scratch, lowers, "d/bottom", [f"lowerindex={index}"])
+    assert not touched_others(with_index), \
+        f"with the index the lookup touched other layers: {sorted(touched_others(with_index))}"
+    assert any(p.startswith(str(lowers[-1])) for p in with_index), with_index
+
+
+def test_index_load_is_fast_enough(scratch: Path) -> None:
+    """A rootfs-size stack (20k names in 2k directories over 4 layers) loads and is checked in
+    well under a second (a loose bound: this machine is shared and noisy)."""
+    lowers = [scratch / f"l{i}" for i in range(4)]
+    for i, p in enumerate(lowers):
+        for d in range(500):
+            dd = p / f"d{d % 500:03d}" / f"s{i}"
+            dd.mkdir(parents=True)
+            for f in range(10):
+                (dd / f"f{f}").touch()
+    index = scratch / "idx"
+    layerindex.write([str(p) for p in lowers], str(index))
+    t = time.perf_counter()
+    _union(lowers, None, None, index).close()
+    assert time.perf_counter() - t < 2.0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -1,0 +1,403 @@
+"""The lower index: what the read-only layers of a stack hold, learnt once and kept in a file.
+
+Lower branches are immutable, so what a lookup learns about them can outlive the mount. This
+module owns that knowledge: `build` walks an ordered lower stack once (as mountctl's image import
+would) and writes, for every directory of the merged lower view, which layers it merges and, for
+every name any of those layers holds there, what each layer holds under it (whiteouts in every
+encoding, opaque directories and redirects already classified, by the same `Branch` code the
+server probes with). `load` reads such a file back for a mount and refuses it (`LowerIndexError`,
+a RuntimeError: the mount fails with its message) when it was built for other layers or when a
+layer changed since.
+
+At run time the index answers, without a system call:
+
+- `Union._resolve`: the lower part of a lookup in a directory whose lower layers are exactly an
+  indexed directory (`LowerIndex.entries`): one dict lookup whatever the number of layers; the
+  upper branch is still probed, and a name the index says no layer holds costs no lower syscall;
+- `Branch.listing` / `Branch.dir_info` of a lower branch (`LowerIndex.view`): the classified
+  listing and opaque/redirect flags of every indexed directory of that layer.
+
+Anything the index does not cover (a directory reached through a redirect, one hidden in the
+merged lower view) is probed as without an index, so the index can make a lookup faster, never
+different.
+
+Invariants:
+- a directory record is keyed by its layers, (branch, path in that branch) top-first, and holds
+  only what those branch directories hold, so whatever path led to a node with those layers, the
+  record describes it;
+- per name, the record lists every layer entry that is not a plain "missing" (directory,
+  non-directory, whiteout, or a name a `.wh.NAME` beside it hides below), top-first; `resolve`
+  ignores the missing ones, so folding the record's entries gives the probed answer;
+- staleness: each layer's root (st_dev, st_ino) must match; with `check="dirs"` (the default) the
+  st_ino, mtime and ctime of every indexed directory of every layer must too (adding, removing or
+  renaming an entry changes its directory's mtime, a changed xattr its ctime). With
+  `check="roots"` only the roots are compared (for stores whose layers are immutable by
+  construction). What is not checked: the content and attributes of files (never indexed: always
+  stat'ed live) and the xattr whiteout flag of a file inside an `opaque=x` directory.
+
+File format: `marshal` of plain tuples, dicts and bytes (loads at several hundred thousand
+names per second); see `_encode`.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import stat
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .branch import Branch, join, split
+from .core.readdir import Listing
+from .core.resolve import BranchEntry, Kind, Resolution, resolve
+
+MAGIC = b"unionfs-lowerindex"
+VERSION = 1
+CHECKS = ("dirs", "roots")
+SEEN_MAX = 1 << 12
+
+# one entry code: Kind value in the low two bits, then flags
+_OPAQUE = 4
+_HIDES = 8
+_REDIRECT = 16
+
+Layers = tuple[tuple[int, bytes], ...]
+"""(branch number, path in that branch) of each layer of a merged directory, top-first."""
+
+
+class LowerIndexError(RuntimeError):
+    """The index file cannot be used for these layers (the message says why)."""
+
+
+def _code(e: BranchEntry) -> int:
+    c = e.kind.value
+    if e.opaque:
+        c |= _OPAQUE
+    if e.hides_below:
+        c |= _HIDES
+    if e.redirect is not None:
+        c |= _REDIRECT
+    return c
+
+
+_KINDS = {k.value: k for k in Kind}
+# the entry each code stands for (redirect values are looked up separately)
+_ENTRIES = tuple(BranchEntry(_KINDS[c & 3], bool(c & _OPAQUE), bool(c & _HIDES))
+                 for c in range(32))
+_LISTED = {Kind.DIR: BranchEntry(Kind.DIR), Kind.OTHER: BranchEntry(Kind.OTHER),
+           Kind.WHITEOUT: BranchEntry(Kind.WHITEOUT)}
+
+
+def _identity(path: str, st: os.stat_result) -> tuple[str, int, int, int, int]:
+    return (path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+
+# --- building ------------------------------------------------------------------------------
+
+def build(lowers: Sequence[str]) -> bytes:
+    """The index of the lower stack LOWERS (top-first, as `lowerdir=`), as file content."""
+    paths = [os.path.realpath(p) for p in lowers]
+    branches = [Branch(i, p, writable=False) for i, p in enumerate(paths)]
+    try:
+        return _encode(paths, branches)
+    finally:
+        for b in branches:
+            b.close()
+
+
+def write(lowers: Sequence[str], dest: str) -> None:
+    """Build the index of LOWERS into DEST (atomically: a temporary file renamed into place)."""
+    data = build(lowers)
+    tmp = f"{dest}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _encode(paths: Sequence[str], branches: Sequence[Branch]) -> bytes:
+    """Walk the merged lower view breadth-first from the root.
+
+    File content: marshal of (MAGIC, VERSION, identities, roots, records, redirects, dirstats):
+    - identities: per layer (realpath, st_dev, st_ino, mtime_ns, ctime_ns) of its root;
+    - roots: per layer (opaque, redirect or None) of its root directory;
+    - records: (layers, names) per merged directory; layers as `Layers` with lower positions
+      (0 = top lower); names: name -> (pos, code, pos, code, ...) of the non-missing entries;
+    - redirects: (pos, path) -> overlay.redirect value of every indexed directory that has one;
+    - dirstats: (pos, path, st_ino, mtime_ns, ctime_ns) of every indexed layer directory.
+    """
+    idents = []
+    roots = []
+    for p, b in zip(paths, branches, strict=True):
+        idents.append(_identity(p, os.fstat(b.fd)))
+        info = b.dir_info(b"")
+        roots.append((info.opaque, info.redirect))
+    root_entries = [(b.index, BranchEntry(Kind.DIR, opaque=o)) for b, (o, _) in
+                    zip(branches, roots, strict=True)]
+    root_layers: Layers = tuple((i, b"") for i in resolve(root_entries).branches)
+    records: list[tuple[Layers, dict[bytes, tuple[int, ...]]]] = []
+    redirects: dict[tuple[int, bytes], bytes] = {}
+    dirstats: dict[tuple[int, bytes], tuple[int, int, int]] = {}
+    seen: set[Layers] = {root_layers}
+    todo: deque[Layers] = deque([root_layers])
+    while todo:
+        layers = todo.popleft()
+        for pos, rel in layers:
+            if (pos, rel) not in dirstats:
+                st = branches[pos].stat(rel)
+                dirstats[(pos, rel)] = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        found: dict[bytes, list[tuple[int, BranchEntry]]] = {}
+        for pos, rel in layers:
+            b = branches[pos]
+            lst = b.listing(rel)
+            for name in (*lst.entries, *(lst.hidden - lst.entries.keys())):
+                e = b.entry(rel, name)
+                found.setdefault(name, []).append((pos, e))
+                if e.redirect is not None:
+                    redirects[(pos, join(rel, name))] = e.redirect
+        rels = dict(layers)
+        names: dict[bytes, tuple[int, ...]] = {}
+        for name, entries in found.items():
+            names[name] = tuple(x for pos, e in entries for x in (pos, _code(e)))
+            res = resolve(entries)
+            if res.kind is not Kind.DIR:
+                continue
+            if any(e.kind is Kind.DIR and e.redirect is not None and not e.opaque
+                   for _, e in entries):
+                continue  # a moved directory: probed at run time, not indexed
+            child: Layers = tuple((p, join(rels[p], name)) for p in res.branches)
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+        records.append((layers, names))
+    stats = tuple((pos, rel, *v) for (pos, rel), v in dirstats.items())
+    return marshal.dumps((MAGIC, VERSION, tuple(idents), tuple(roots), records, redirects,
+                          stats))
+
+
+# --- using -----------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Record:
+    layers: Layers  # branch numbers of this mount
+    names: dict[bytes, tuple[int, ...]]  # lower positions, as in the file
+    rels: dict[int, bytes]  # branch number -> path there
+    listings: dict[int, Listing] | None = None  # per branch number, made on first use
+
+
+class LowerIndex:
+    """A loaded index bound to the branch numbers of one mount (`first`: the branch number of
+    the top lower layer, 1 when there is an upper branch)."""
+
+    def __init__(self, first: int, roots: Sequence[tuple[bool, bytes | None]],
+                 records: Sequence[tuple[Layers, dict[bytes, tuple[int, ...]]]],
+                 redirects: dict[tuple[int, bytes], bytes]) -> None:
+        self.first = first
+        self.roots = roots
+        self.redirects = redirects
+        self.records: dict[Layers, _Record] = {}
+        # id(node.lowers) -> (that tuple, its record): a node's tuple is asked about again and
+        # again, and hashing a 64-layer key costs more than the rest of the lookup
+        self._seen: dict[int, tuple[Layers, _Record]] = {}
+        self.by_layer: dict[tuple[int, bytes], _Record] = {}
+        for layers, names in records:
+            bound = tuple((p + first, rel) for p, rel in layers)
+            rec = _Record(bound, names, dict(bound))
+            self.records[bound] = rec
+            for layer in bound:
+                self.by_layer.setdefault(layer, rec)
+
+    def entries(self, lowers: Layers, name: bytes
+                ) -> tuple[list[tuple[int, BranchEntry]], dict[int, bytes]] | None:
+        """What the lower layers LOWERS (a directory node's `lowers`) hold under NAME, as
+        (branch, entry) top-first without the plain missing ones, and the layers' paths by
+        branch; None when the index does not describe that directory or the name involves a
+        moved directory (probe instead)."""
+        seen = self._seen.get(id(lowers))
+        if seen is not None and seen[0] is lowers:
+            rec = seen[1]
+        else:
+            found = self.records.get(lowers)
+            if found is None:
+                return None
+            rec = found
+            if len(self._seen) >= SEEN_MAX:
+                self._seen.clear()
+            self._seen[id(lowers)] = (lowers, rec)
+        codes = rec.names.get(name)
+        if codes is None:
+            return [], rec.rels
+        out = []
+        first = self.first
+        for i in range(0, len(codes), 2):
+            c = codes[i + 1]
+            if c & _REDIRECT and not c & _OPAQUE:
+                return None
+            out.append((codes[i] + first, _ENTRIES[c]))
+        return out, rec.rels
+
+    def drop_caches(self) -> None:
+        """Forget what was derived from the records on demand (`Union.shrink`)."""
+        self._seen.clear()
+        for rec in self.records.values():
+            rec.listings = None
+
+    def view(self, branch: int) -> BranchView:
+        return BranchView(self, branch)
+
+    def listing(self, branch: int, rel: bytes) -> Listing | None:
+        rec = self.by_layer.get((branch, rel))
+        if rec is None:
+            return None
+        if rec.listings is None:
+            rec.listings = self._listings(rec)
+        return rec.listings.get(branch)
+
+    def _listings(self, rec: _Record) -> dict[int, Listing]:
+        first = self.first
+        entries: dict[int, dict[bytes, BranchEntry]] = {b: {} for b, _ in rec.layers}
+        hidden: dict[int, set[bytes]] = {b: set() for b, _ in rec.layers}
+        for name, codes in rec.names.items():
+            for i in range(0, len(codes), 2):
+                b = codes[i] + first
+                c = codes[i + 1]
+                kind = _KINDS[c & 3]
+                if kind is not Kind.MISSING:
+                    entries[b][name] = _LISTED[kind]
+                if c & _HIDES:
+                    hidden[b].add(name)
+        return {b: Listing(entries[b], frozenset(hidden[b])) for b, _ in rec.layers}
+
+    def dir_info(self, branch: int, rel: bytes) -> tuple[bool, bytes | None] | None:
+        """(opaque, redirect) of directory REL of a lower branch, None if not indexed."""
+        pos = branch - self.first
+        if not rel:
+            return self.roots[pos] if 0 <= pos < len(self.roots) else None
+        parent, name = split(rel)
+        rec = self.by_layer.get((branch, parent))
+        if rec is None:
+            return None
+        codes = rec.names.get(name, ())
+        for i in range(0, len(codes), 2):
+            if codes[i] == pos:
+                c = codes[i + 1]
+                if c & 3 != Kind.DIR.value:
+                    return None
+                return bool(c & _OPAQUE), self.redirects.get((pos, rel))
+        return None
+
+
+class BranchView:
+    """One lower branch's part of the index, for `Branch.listing` / `Branch.dir_info`."""
+
+    __slots__ = ("branch", "index")
+
+    def __init__(self, index: LowerIndex, branch: int) -> None:
+        self.index = index
+        self.branch = branch
+
+    def listing(self, rel: bytes) -> Listing | None:
+        return self.index.listing(self.branch, rel)
+
+    def dir_info(self, rel: bytes) -> tuple[bool, bytes | None] | None:
+        return self.index.dir_info(self.branch, rel)
+
+
+def load(path: str, branches: Sequence[Branch], first: int, check: str = "dirs"
+         ) -> LowerIndex:
+    """Read the index at PATH for the lower BRANCHES (top-first, numbered from FIRST) and check
+    it against them (`check`: "dirs" or "roots", see the module docstring)."""
+    if check not in CHECKS:
+        raise LowerIndexError(f"lowerindex_check: expected one of {', '.join(CHECKS)}, "
+                              f"got {check!r}")
+    try:
+        with open(path, "rb") as f:
+            data = marshal.loads(f.read())
+    except OSError as e:
+        raise LowerIndexError(f"lower index {path!r}: {e.strerror or e}") from None
+    except (EOFError, ValueError, TypeError):
+        raise LowerIndexError(f"lower index {path!r}: not an index file") from None
+    if not (isinstance(data, tuple) and len(data) == 7 and data[0] == MAGIC):
+        raise LowerIndexError(f"lower index {path!r}: not an index file")
+    if data[1] != VERSION:
+        raise LowerIndexError(f"lower index {path!r}: format version {data[1]}, expected "
+                          f"{VERSION}: rebuild it (unionfs index build)")
+    _, _, idents, roots, records, redirects, dirstats = data
+    _check(path, idents, branches, dirstats if check == "dirs" else ())
+    return LowerIndex(first, roots, records, redirects)
+
+
+def _stale(path: str, layer: str, why: str) -> LowerIndexError:
+    return LowerIndexError(f"lower index {path!r} is stale: layer {layer!r} {why}; rebuild it "
+                       f"(unionfs index build)")
+
+
+def _check(path: str, idents: Sequence[tuple[str, int, int, int, int]],
+           branches: Sequence[Branch], dirstats: Sequence[tuple[int, bytes, int, int, int]]
+           ) -> None:
+    if len(idents) != len(branches):
+        raise LowerIndexError(f"lower index {path!r} was built for {len(idents)} layers, the mount "
+                          f"has {len(branches)}")
+    for (built, dev, ino, mtime, ctime), b in zip(idents, branches, strict=True):
+        st = os.fstat(b.fd)
+        if (st.st_dev, st.st_ino) != (dev, ino):
+            raise LowerIndexError(f"lower index {path!r} was built for other layers: {b.path!r} "
+                              f"is not {built!r}")
+        if (st.st_mtime_ns, st.st_ctime_ns) != (mtime, ctime):
+            raise _stale(path, b.path, "changed at its root")
+    for pos, rel, ino, mtime, ctime in dirstats:
+        b = branches[pos]
+        try:
+            st = os.stat(rel or b".", dir_fd=b.fd, follow_symlinks=False)
+        except OSError:
+            raise _stale(path, b.path, f"lost {os.fsdecode(rel)!r}") from None
+        if not stat.S_ISDIR(st.st_mode) or (st.st_ino, st.st_mtime_ns, st.st_ctime_ns) != (
+                ino, mtime, ctime):
+            raise _stale(path, b.path, f"changed in {os.fsdecode(rel) or '/'!r}")
+
+
+def attach(path: str, branches: Sequence[Branch], check: str = "dirs") -> LowerIndex:
+    """Load the index at PATH for a mount's BRANCHES (the upper, if any, first) and let each
+    lower branch read its directories from it."""
+    lowers = [b for b in branches if not b.writable]
+    first = lowers[0].index if lowers else 0
+    index = load(path, lowers, first, check)
+    for b in lowers:
+        b.known = index.view(b.index)
+    return index
+
+
+def resolve_indexed(index: LowerIndex, upper: Branch | None, parent_path: bytes,
+                    parent_upper: bool, lowers: Layers, name: bytes
+                    ) -> tuple[Resolution, list[tuple[int, BranchEntry]], dict[int, bytes]] | None:
+    """`Union._resolve` for a directory whose lower layers the index describes: the upper
+    branch probed as always, the lower ones read from the index. None: probe instead (not
+    indexed, or a moved directory is involved)."""
+    found = index.entries(lowers, name)
+    if found is None:
+        return None
+    below, rels = found
+    entries: list[tuple[int, BranchEntry]] = []
+    upper_index = -1
+    if parent_upper:
+        assert upper is not None
+        ue = upper.entry(parent_path, name)
+        if ue.kind is Kind.DIR and ue.redirect is not None and not ue.opaque:
+            return None
+        upper_index = upper.index
+        entries.append((upper_index, ue))
+    entries += below
+    res = resolve(entries)
+    paths: dict[int, bytes] = {}
+    for b in res.branches:
+        paths[b] = join(parent_path if parent_upper and b == upper_index else rels[b], name)
+    return res, entries, paths
