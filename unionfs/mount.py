@@ -23,7 +23,9 @@ from .ops import (
     UnionOperations,
     dircache_supported,
     enable_dircache,
+    enable_flush_direct,
     enable_noopen,
+    flush_direct_supported,
     noopen_supported,
 )
 from .union import Union
@@ -128,6 +130,8 @@ def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
         enable_dircache()
     if ops.noopen:
         enable_noopen()
+    if flush_direct_supported() and not config.debug:  # (-d logs every flush)
+        enable_flush_direct()
     try:
         pyfuse3.init(ops, config.mountpoint, fuse_options(config))
     except BaseException:

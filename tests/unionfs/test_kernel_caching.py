@@ -356,3 +356,21 @@ def test_the_single_worker_loop_steps_once_per_request(tmp_path: Path) -> None:
     steps, reqs = map(int, out.split())
     assert reqs >= 300
     assert steps / reqs < 1.5, (steps, reqs)
+
+
+def test_flush_is_answered_without_python(stack: Stack, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every close sends a flush (answered, so that close() can fail once the server died, see
+    tests/faults test_close_after_the_server_died_fails); the patched pyfuse3 answers it in C
+    (third_party patch item 5), so no flush request reaches the Python handlers."""
+    stats = tmp_path / "stats.json"
+    monkeypatch.setenv("UNIONFS_STATS_FILE", str(stats))
+    seq = [0]
+    with stack.mount() as m:
+        for i in range(20):
+            with open(stack.mnt / f"f{i}", "wb") as fh:
+                fh.write(b"x")
+            (stack.mnt / f"f{i}").read_bytes()
+        counts = requests(m, stats, seq)
+    assert counts.get("release", 0) >= 40  # the closes reached the server
+    assert counts.get("flush", 0) == 0, counts
