@@ -15,7 +15,11 @@ At run time the index answers, without a system call:
   indexed directory (`LowerIndex.entries`): one dict lookup whatever the number of layers; the
   upper branch is still probed, and a name the index says no layer holds costs no lower syscall;
 - `Branch.listing` / `Branch.dir_info` of a lower branch (`LowerIndex.view`): the classified
-  listing and opaque/redirect flags of every indexed directory of that layer.
+  listing and opaque/redirect flags of every indexed directory of that layer;
+- `Branch.stat` of a lower branch (`LowerIndex.stat`), only when the check vouches for
+  attributes (`files` or `roots`, see below): the lstat of every indexed directory and
+  non-directory as recorded at build, so a lookup or getattr of a lower object touches no layer.
+  Opening, reading, readlink, xattrs and copy-up still read the layer (copy-up stats afresh).
 
 Anything the index does not cover (a directory reached through a redirect, one hidden in the
 merged lower view) is probed as without an index, so the index can make a lookup faster, never
@@ -28,12 +32,21 @@ Invariants:
 - per name, the record lists every layer entry that is not a plain "missing" (directory,
   non-directory, whiteout, or a name a `.wh.NAME` beside it hides below), top-first; `resolve`
   ignores the missing ones, so folding the record's entries gives the probed answer;
-- staleness: each layer's root (st_dev, st_ino) must match; with `check="dirs"` (the default) the
-  st_ino, mtime and ctime of every indexed directory of every layer must too (adding, removing or
-  renaming an entry changes its directory's mtime, a changed xattr its ctime). With
-  `check="roots"` only the roots are compared (for stores whose layers are immutable by
-  construction). What is not checked: the content and attributes of files (never indexed: always
-  stat'ed live) and the xattr whiteout flag of a file inside an `opaque=x` directory.
+- staleness: each layer's root (st_dev, st_ino) must match (a layer now on another device is
+  refused, never remapped: st_dev is part of every recorded attribute and of the union's inode
+  numbers); then, by `check`:
+  - `dirs` (the default): the st_ino, mtime and ctime of every indexed directory of every layer
+    (adding, removing or renaming an entry changes its directory's mtime, a changed xattr its
+    ctime). An in-place change of a file changes no directory, so this cannot vouch for
+    attributes: they are not served, every lower object is stat'ed live;
+  - `files`: `dirs`, plus every indexed object's lstat compared with the recorded one, all
+    fields but the access time (an in-place write, chmod, chown, new hard link, touch changes
+    the ctime at least): one fstatat per object at mount. Attributes are served;
+  - `roots`: only the roots (stores whose layers are immutable by construction, as mountctl's).
+    Attributes are served: the layers are trusted.
+  Never checked: file contents (read live anyway), the xattr whiteout flag of a file inside an
+  `opaque=x` directory, and access times: served attributes show the access time at build
+  (reading a file or symlink may move the layer's own; composefs behaves the same way).
 
 File format: `marshal` of plain tuples, dicts and bytes (loads at several hundred thousand
 names per second); see `_encode`.
