@@ -352,8 +352,9 @@ class UnionfsNoopen(Unionfs):
 class UnionfsIndex(Unionfs):
     """unionfs with `-o lowerindex=FILE`: the index of the lower layers is built before the
     mount, outside any timed region (as mountctl builds it once per image), with
-    `python -m unionfs index build`; the mount then checks it (one stat per indexed directory
-    per layer, also untimed). Not in "all"."""
+    `python -m unionfs index build`; mounted with `lowerindex_check=roots` as mountctl does
+    (its layers are immutable), so lookups and getattr of lower objects are answered from the
+    index's attributes. Not in "all"."""
 
     name = "unionfs-index"
 
@@ -370,7 +371,7 @@ class UnionfsIndex(Unionfs):
     def argv(self, stack: Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
         argv = super().argv(stack, upper, work, mnt)
         index = mnt.parent / "lower.idx"
-        argv[argv.index("-o") + 1] += f",lowerindex={mounts.esc(index)}"
+        argv[argv.index("-o") + 1] += f",lowerindex={mounts.esc(index)},lowerindex_check=roots"
         return argv
 
 

@@ -8,7 +8,8 @@ layers. The files are caches: garbage collection removes them all, the next run 
 
 The store's layers are extracted once into content-addressed directories and never written
 again, so the mount checks only the layers' roots (`lowerindex_check=roots`); the check made
-here before each use is the same.
+here before each use is the same. With `roots` the union also serves lower objects' attributes
+from the index (a lookup touches no layer); an index of an older format is rebuilt.
 """
 
 from __future__ import annotations

@@ -51,6 +51,8 @@ class LayerKnowledge(Protocol):
 
     def dir_info(self, rel: bytes) -> tuple[bool, bytes | None] | None: ...
 
+    def stat(self, rel: bytes) -> os.stat_result | None: ...
+
 CACHE_MAX = 1 << 18  # entries per read-only-branch cache before it starts over
 # lstat results are the largest cached items (about 600 bytes each): keep a working set, not one
 # per object ever seen, so the server's memory follows what the kernel holds (the kernel caches
@@ -174,14 +176,23 @@ class Branch:
 
     # --- reading entries -----------------------------------------------------------------
     def stat(self, rel: bytes) -> os.stat_result:
-        """lstat of REL (remembered for read-only branches)."""
+        """lstat of REL (remembered for read-only branches; read from the lower index when it
+        vouches for attributes, without a system call)."""
         if not self.writable:
             st = self._stats.get(rel)
             if st is None:
+                known = self.known.stat(rel) if self.known is not None else None
+                if known is not None:
+                    return known
                 if len(self._stats) >= STAT_CACHE_MAX:
                     self._stats.clear()
                 st = self._stats[rel] = self._stat(rel)
             return st
+        return self._stat(rel)
+
+    def lstat(self, rel: bytes) -> os.stat_result:
+        """lstat of REL asked of the branch itself, never cached nor read from an index (what a
+        copy-up copies)."""
         return self._stat(rel)
 
     def prefetch_stats(self, rel: bytes, names: list[bytes]) -> None:
@@ -189,7 +200,9 @@ class Branch:
         branches; a readdirplus is about to look every entry up)."""
         if self.writable:
             return
-        todo = [n for n in names if join(rel, n) not in self._stats]
+        known = self.known
+        todo = [n for n in names if join(rel, n) not in self._stats
+                and (known is None or known.stat(join(rel, n)) is None)]
         if len(todo) < 2 or len(todo) > STAT_CACHE_MAX // 2:
             return
         if len(self._stats) + len(todo) >= STAT_CACHE_MAX:

@@ -41,10 +41,16 @@ mount options (-o, comma separated, may repeat):
   lowerindex=FILE      an index of the lower branches (`unionfs index build`): lookups read
                        the lower layers from it instead of probing each one; the mount fails
                        if the index was built for other layers or a layer changed since
-  lowerindex_check=dirs|roots
-                       how the index is checked at mount: every indexed directory's inode,
-                       mtime and ctime (dirs, default), or only the layers' roots (roots: for
-                       layers that are immutable by construction, as in mountctl's store)
+  lowerindex_check=dirs|files|roots
+                       how the index is checked at mount, and what it then answers:
+                       dirs (default): every indexed directory's inode, mtime and ctime; the
+                         index answers which layer holds a name, attributes are stat'ed live;
+                       files: that, plus every indexed object's lstat (all but atime, one
+                         stat per object at mount); lookups/getattr of lower objects are then
+                         answered from the index's attributes, without touching the layer;
+                       roots: only the layers' roots; attributes from the index too (for
+                         layers immutable by construction, as in mountctl's store)
+                       (attributes served from the index show the atime of the build)
   allow_other          let other users in (default when run as root)
   allow_root           accepted for compatibility (implies allow_other)
   default_permissions  kernel permission checks (always on)
@@ -157,8 +163,9 @@ def parse_options(opts: Sequence[str]) -> dict[str, object]:
                     raise UsageError("readahead: expected 0..65536 KiB")
                 res["readahead"] = kib
             elif key == "lowerindex_check":
-                if value not in ("dirs", "roots"):
-                    raise UsageError(f"lowerindex_check: expected dirs or roots, got {value!r}")
+                if value not in ("dirs", "files", "roots"):
+                    raise UsageError(f"lowerindex_check: expected dirs, files or roots, got "
+                                     f"{value!r}")
                 res[key] = value
             elif key in ("dircache", "noopen"):
                 if value not in ("0", "1"):

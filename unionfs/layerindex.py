@@ -15,7 +15,11 @@ At run time the index answers, without a system call:
   indexed directory (`LowerIndex.entries`): one dict lookup whatever the number of layers; the
   upper branch is still probed, and a name the index says no layer holds costs no lower syscall;
 - `Branch.listing` / `Branch.dir_info` of a lower branch (`LowerIndex.view`): the classified
-  listing and opaque/redirect flags of every indexed directory of that layer.
+  listing and opaque/redirect flags of every indexed directory of that layer;
+- `Branch.stat` of a lower branch (`LowerIndex.stat`), only when the check vouches for
+  attributes (`files` or `roots`, see below): the lstat of every indexed directory and
+  non-directory as recorded at build, so a lookup or getattr of a lower object touches no layer.
+  Opening, reading, readlink, xattrs and copy-up still read the layer (copy-up stats afresh).
 
 Anything the index does not cover (a directory reached through a redirect, one hidden in the
 merged lower view) is probed as without an index, so the index can make a lookup faster, never
@@ -28,12 +32,21 @@ Invariants:
 - per name, the record lists every layer entry that is not a plain "missing" (directory,
   non-directory, whiteout, or a name a `.wh.NAME` beside it hides below), top-first; `resolve`
   ignores the missing ones, so folding the record's entries gives the probed answer;
-- staleness: each layer's root (st_dev, st_ino) must match; with `check="dirs"` (the default) the
-  st_ino, mtime and ctime of every indexed directory of every layer must too (adding, removing or
-  renaming an entry changes its directory's mtime, a changed xattr its ctime). With
-  `check="roots"` only the roots are compared (for stores whose layers are immutable by
-  construction). What is not checked: the content and attributes of files (never indexed: always
-  stat'ed live) and the xattr whiteout flag of a file inside an `opaque=x` directory.
+- staleness: each layer's root (st_dev, st_ino) must match (a layer now on another device is
+  refused, never remapped: st_dev is part of every recorded attribute and of the union's inode
+  numbers); then, by `check`:
+  - `dirs` (the default): the st_ino, mtime and ctime of every indexed directory of every layer
+    (adding, removing or renaming an entry changes its directory's mtime, a changed xattr its
+    ctime). An in-place change of a file changes no directory, so this cannot vouch for
+    attributes: they are not served, every lower object is stat'ed live;
+  - `files`: `dirs`, plus every indexed object's lstat compared with the recorded one, all
+    fields but the access time (an in-place write, chmod, chown, new hard link, touch changes
+    the ctime at least): one fstatat per object at mount. Attributes are served;
+  - `roots`: only the roots (stores whose layers are immutable by construction, as mountctl's).
+    Attributes are served: the layers are trusted.
+  Never checked: file contents (read live anyway), the xattr whiteout flag of a file inside an
+  `opaque=x` directory, and access times: served attributes show the access time at build
+  (reading a file or symlink may move the layer's own; composefs behaves the same way).
 
 File format: `marshal` of plain tuples, dicts and bytes (loads at several hundred thousand
 names per second); see `_encode`.
@@ -44,6 +57,8 @@ from __future__ import annotations
 import marshal
 import os
 import stat
+import struct
+import zlib
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,8 +68,11 @@ from .core.readdir import Listing
 from .core.resolve import BranchEntry, Kind, Resolution, resolve
 
 MAGIC = b"unionfs-lowerindex"
-VERSION = 1
-CHECKS = ("dirs", "roots")
+VERSION = 2
+CHECKS = ("dirs", "files", "roots")
+ATTR_CHECKS = ("files", "roots")
+"""The checks under which the index's attributes are served (`LowerIndex.stat`): `files`
+compares them with every indexed object at mount, `roots` trusts immutable layers."""
 SEEN_MAX = 1 << 12
 
 # one entry code: Kind value in the low two bits, then flags
@@ -91,6 +109,38 @@ _LISTED = {Kind.DIR: BranchEntry(Kind.DIR), Kind.OTHER: BranchEntry(Kind.OTHER),
 
 def _identity(path: str, st: os.stat_result) -> tuple[str, int, int, int, int]:
     return (path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+
+# one object's lstat: mode uid gid nlink ino dev size rdev blocks blksize atime mtime ctime (ns)
+_ATTR = struct.Struct("<IIIIQQqQqIqqq")
+_STATABLE = (Kind.DIR.value, Kind.OTHER.value)  # the entry kinds that carry attributes
+_NS = 1_000_000_000
+
+
+def _pack(st: os.stat_result) -> bytes:
+    return _ATTR.pack(st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_ino, st.st_dev,
+                      st.st_size, st.st_rdev, st.st_blocks, st.st_blksize, st.st_atime_ns,
+                      st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _stat_result(raw: bytes, slot: int) -> os.stat_result:
+    """The os.stat_result a real lstat would give for the packed attributes at SLOT (every
+    field, the float and integer times computed as CPython computes them)."""
+    (mode, uid, gid, nlink, ino, dev, size, rdev, blocks, blksize, a, m, c
+     ) = _ATTR.unpack_from(raw, slot * _ATTR.size)
+    asec, ans = divmod(a, _NS)
+    msec, mns = divmod(m, _NS)
+    csec, cns = divmod(c, _NS)
+    return os.stat_result((mode, ino, dev, nlink, uid, gid, size, asec, msec, csec,
+                           asec + ans * 1e-9, msec + mns * 1e-9, csec + cns * 1e-9,
+                           a, m, c, blksize, blocks, rdev))
+
+
+def _comparable(st: os.stat_result) -> tuple[int, ...]:
+    """What the `files` check compares: everything but the access time (see the module
+    docstring)."""
+    return (st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_ino, st.st_dev, st.st_size,
+            st.st_rdev, st.st_blocks, st.st_blksize, st.st_mtime_ns, st.st_ctime_ns)
 
 
 # --- building ------------------------------------------------------------------------------
@@ -130,8 +180,10 @@ def _encode(paths: Sequence[str], branches: Sequence[Branch]) -> bytes:
     File content: marshal of (MAGIC, VERSION, identities, roots, records, redirects, dirstats):
     - identities: per layer (realpath, st_dev, st_ino, mtime_ns, ctime_ns) of its root;
     - roots: per layer (opaque, redirect or None) of its root directory;
-    - records: (layers, names) per merged directory; layers as `Layers` with lower positions
-      (0 = top lower); names: name -> (pos, code, pos, code, ...) of the non-missing entries;
+    - records: (layers, names, attrs) per merged directory; layers as `Layers` with lower
+      positions (0 = top lower); names: name -> (pos, code, pos, code, ...) of the non-missing
+      entries; attrs: zlib of the `_ATTR` lstat of every directory and non-directory entry
+      (not whiteouts), in the order of names and then of their entries (decoded on first use);
     - redirects: (pos, path) -> overlay.redirect value of every indexed directory that has one;
     - dirstats: (pos, path, st_ino, mtime_ns, ctime_ns) of every indexed layer directory.
     """
@@ -144,7 +196,9 @@ def _encode(paths: Sequence[str], branches: Sequence[Branch]) -> bytes:
     root_entries = [(b.index, BranchEntry(Kind.DIR, opaque=o)) for b, (o, _) in
                     zip(branches, roots, strict=True)]
     root_layers: Layers = tuple((i, b"") for i in resolve(root_entries).branches)
-    records: list[tuple[Layers, dict[bytes, tuple[int, ...]]]] = []
+    records: list[tuple[Layers, dict[bytes, tuple[int, ...]], list[bytes]]] = []
+    # (pos, path) -> (record, slot) of each of its attributes, filled after the walk
+    dir_slots: dict[tuple[int, bytes], list[tuple[int, int]]] = {}
     redirects: dict[tuple[int, bytes], bytes] = {}
     dirstats: dict[tuple[int, bytes], tuple[int, int, int]] = {}
     seen: set[Layers] = {root_layers}
@@ -156,18 +210,35 @@ def _encode(paths: Sequence[str], branches: Sequence[Branch]) -> bytes:
                 st = branches[pos].stat(rel)
                 dirstats[(pos, rel)] = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
         found: dict[bytes, list[tuple[int, BranchEntry]]] = {}
+        attrs: dict[tuple[int, bytes], bytes] = {}
         for pos, rel in layers:
             b = branches[pos]
             lst = b.listing(rel)
-            for name in (*lst.entries, *(lst.hidden - lst.entries.keys())):
-                e = b.entry(rel, name)
-                found.setdefault(name, []).append((pos, e))
-                if e.redirect is not None:
-                    redirects[(pos, join(rel, name))] = e.redirect
+            fd = b.open_dir(rel)
+            try:
+                for name in (*lst.entries, *(lst.hidden - lst.entries.keys())):
+                    e = b.entry(rel, name)
+                    found.setdefault(name, []).append((pos, e))
+                    if e.redirect is not None:
+                        redirects[(pos, join(rel, name))] = e.redirect
+                    if e.kind is Kind.OTHER:
+                        attrs[(pos, name)] = _pack(os.stat(name, dir_fd=fd,
+                                                           follow_symlinks=False))
+                    elif e.kind is Kind.DIR:  # stat'ed after the walk, which reads it
+                        attrs[(pos, name)] = b""
+            finally:
+                os.close(fd)
         rels = dict(layers)
         names: dict[bytes, tuple[int, ...]] = {}
+        packed: list[bytes] = []
         for name, entries in found.items():
             names[name] = tuple(x for pos, e in entries for x in (pos, _code(e)))
+            for pos, e in entries:
+                if e.kind.value in _STATABLE:
+                    if e.kind is Kind.DIR:
+                        dir_slots.setdefault((pos, join(rels[pos], name)), []).append(
+                            (len(records), len(packed)))
+                    packed.append(attrs[(pos, name)])
             res = resolve(entries)
             if res.kind is not Kind.DIR:
                 continue
@@ -178,9 +249,17 @@ def _encode(paths: Sequence[str], branches: Sequence[Branch]) -> bytes:
             if child not in seen:
                 seen.add(child)
                 todo.append(child)
-        records.append((layers, names))
+        records.append((layers, names, packed))
+    # directories are stat'ed once the walk has read them all (reading a directory may move
+    # its access time)
+    for (pos, path), slots in dir_slots.items():
+        attr = _pack(branches[pos].lstat(path))
+        for r, i in slots:
+            records[r][2][i] = attr
     stats = tuple((pos, rel, *v) for (pos, rel), v in dirstats.items())
-    return marshal.dumps((MAGIC, VERSION, tuple(idents), tuple(roots), records, redirects,
+    out = [(layers, names, zlib.compress(b"".join(packed), 1))
+           for layers, names, packed in records]
+    return marshal.dumps((MAGIC, VERSION, tuple(idents), tuple(roots), out, redirects,
                           stats))
 
 
@@ -191,7 +270,10 @@ class _Record:
     layers: Layers  # branch numbers of this mount
     names: dict[bytes, tuple[int, ...]]  # lower positions, as in the file
     rels: dict[int, bytes]  # branch number -> path there
+    attrs: bytes  # packed lstat of every DIR/OTHER entry (zlib), see `_encode`
     listings: dict[int, Listing] | None = None  # per branch number, made on first use
+    raw: bytes | None = None  # attrs decompressed, on first use
+    slots: dict[bytes, int] | None = None  # name -> slot of its first attributes in raw
 
 
 class LowerIndex:
@@ -199,9 +281,11 @@ class LowerIndex:
     the top lower layer, 1 when there is an upper branch)."""
 
     def __init__(self, first: int, roots: Sequence[tuple[bool, bytes | None]],
-                 records: Sequence[tuple[Layers, dict[bytes, tuple[int, ...]]]],
-                 redirects: dict[tuple[int, bytes], bytes]) -> None:
+                 records: Sequence[tuple[Layers, dict[bytes, tuple[int, ...]], bytes]],
+                 redirects: dict[tuple[int, bytes], bytes], attrs: bool = False) -> None:
         self.first = first
+        # whether `stat` answers from the index (the check vouches for attributes)
+        self.attrs = attrs
         self.roots = roots
         self.redirects = redirects
         self.records: dict[Layers, _Record] = {}
@@ -209,9 +293,9 @@ class LowerIndex:
         # again, and hashing a 64-layer key costs more than the rest of the lookup
         self._seen: dict[int, tuple[Layers, _Record]] = {}
         self.by_layer: dict[tuple[int, bytes], _Record] = {}
-        for layers, names in records:
+        for layers, names, packed in records:
             bound = tuple((p + first, rel) for p, rel in layers)
-            rec = _Record(bound, names, dict(bound))
+            rec = _Record(bound, names, dict(bound), packed)
             self.records[bound] = rec
             for layer in bound:
                 self.by_layer.setdefault(layer, rec)
@@ -250,6 +334,48 @@ class LowerIndex:
         self._seen.clear()
         for rec in self.records.values():
             rec.listings = None
+            rec.raw = rec.slots = None
+
+    def stat(self, branch: int, rel: bytes) -> os.stat_result | None:
+        """The lstat of REL in lower BRANCH as recorded at build, without a system call; None
+        when attributes are not served (`attrs`) or the index does not describe REL."""
+        if not self.attrs:
+            return None
+        parent, name = split(rel)
+        rec = self.by_layer.get((branch, parent))
+        if rec is None:
+            return None
+        slots = rec.slots
+        if slots is None:
+            slots = self._decode(rec)
+        slot = slots.get(name)
+        if slot is None:
+            return None
+        pos = branch - self.first
+        codes = rec.names[name]
+        for i in range(0, len(codes), 2):
+            statable = codes[i + 1] & 3 in _STATABLE
+            if codes[i] == pos:
+                if not statable:
+                    return None
+                assert rec.raw is not None
+                return _stat_result(rec.raw, slot)
+            if statable:
+                slot += 1
+        return None
+
+    @staticmethod
+    def _decode(rec: _Record) -> dict[bytes, int]:
+        rec.raw = zlib.decompress(rec.attrs)
+        slots: dict[bytes, int] = {}
+        n = 0
+        for name, codes in rec.names.items():
+            k = sum(1 for i in range(1, len(codes), 2) if codes[i] & 3 in _STATABLE)
+            if k:
+                slots[name] = n
+                n += k
+        rec.slots = slots
+        return slots
 
     def view(self, branch: int) -> BranchView:
         return BranchView(self, branch)
@@ -311,6 +437,9 @@ class BranchView:
     def dir_info(self, rel: bytes) -> tuple[bool, bytes | None] | None:
         return self.index.dir_info(self.branch, rel)
 
+    def stat(self, rel: bytes) -> os.stat_result | None:
+        return self.index.stat(self.branch, rel)
+
 
 def load(path: str, branches: Sequence[Branch], first: int, check: str = "dirs"
          ) -> LowerIndex:
@@ -332,8 +461,12 @@ def load(path: str, branches: Sequence[Branch], first: int, check: str = "dirs"
         raise LowerIndexError(f"lower index {path!r}: format version {data[1]}, expected "
                           f"{VERSION}: rebuild it (unionfs index build)")
     _, _, idents, roots, records, redirects, dirstats = data
-    _check(path, idents, branches, dirstats if check == "dirs" else ())
-    return LowerIndex(first, roots, records, redirects)
+    _check(path, idents, branches, dirstats if check != "roots" else ())
+    index = LowerIndex(first, roots, records, redirects, attrs=check in ATTR_CHECKS)
+    if check == "files":
+        _check_files(path, index, branches)
+        index.drop_caches()  # decoded for the check: decoded again on demand
+    return index
 
 
 def _stale(path: str, layer: str, why: str) -> LowerIndexError:
@@ -349,6 +482,10 @@ def _check(path: str, idents: Sequence[tuple[str, int, int, int, int]],
                           f"has {len(branches)}")
     for (built, dev, ino, mtime, ctime), b in zip(idents, branches, strict=True):
         st = os.fstat(b.fd)
+        if st.st_ino == ino and st.st_dev != dev and os.path.realpath(b.path) == built:
+            # the attributes carry st_dev (inode numbers derive from it): refuse, never remap
+            raise _stale(path, b.path, f"is on another device now (st_dev {st.st_dev}, was "
+                                       f"{dev})")
         if (st.st_dev, st.st_ino) != (dev, ino):
             raise LowerIndexError(f"lower index {path!r} was built for other layers: {b.path!r} "
                               f"is not {built!r}")
@@ -363,6 +500,41 @@ def _check(path: str, idents: Sequence[tuple[str, int, int, int, int]],
         if not stat.S_ISDIR(st.st_mode) or (st.st_ino, st.st_mtime_ns, st.st_ctime_ns) != (
                 ino, mtime, ctime):
             raise _stale(path, b.path, f"changed in {os.fsdecode(rel) or '/'!r}")
+
+
+def _check_files(path: str, index: LowerIndex, branches: Sequence[Branch]) -> None:
+    """Compare the recorded attributes of every indexed object with its lstat now (all but
+    the access time): an object modified, replaced or re-linked in place makes the index stale."""
+    done: set[tuple[int, bytes]] = set()
+    for rec in index.records.values():
+        for bno, rel in rec.layers:
+            if (bno, rel) in done:
+                continue
+            done.add((bno, rel))
+            pos = bno - index.first
+            b = branches[pos]
+            names = [n for n, codes in rec.names.items()
+                     if any(codes[i] == pos and codes[i + 1] & 3 in _STATABLE
+                            for i in range(0, len(codes), 2))]
+            if not names:
+                continue
+            try:
+                fd = b.open_dir(rel)
+            except OSError:
+                raise _stale(path, b.path, f"lost {os.fsdecode(rel)!r}") from None
+            try:
+                for name in names:
+                    want = index.stat(bno, join(rel, name))
+                    assert want is not None
+                    try:
+                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    except OSError:
+                        st = None
+                    if st is None or _comparable(st) != _comparable(want):
+                        what = os.fsdecode(join(rel, name))
+                        raise _stale(path, b.path, f"changed at {what!r}")
+            finally:
+                os.close(fd)
 
 
 def attach(path: str, branches: Sequence[Branch], check: str = "dirs") -> LowerIndex:

@@ -747,7 +747,7 @@ class Union:
         src_branch, src_rel = node.lowers[0]
         src = self.branches[src_branch]
         sparent, sname = split(src_rel)
-        st = src.stat(src_rel)
+        st = src.lstat(src_rel)  # afresh: what is copied is the object, not what an index says
         spfd = src.open_dir(sparent)
         upfd = upper.open_dir(parent.path())
         tmp = self._tmpname()

@@ -67,6 +67,8 @@ MOUNT_OPTIONS: dict[str, list[str]] = {
 # options of one target on top of its kind's
 TARGET_OPTIONS: dict[str, list[str]] = {
     "unionfs-noopen": ["noopen=1"],  # per-inode I/O: the kernel sends no open/release
+    # the index checked object by object, then lower attributes served from it
+    "unionfs-index": ["lowerindex_check=files"],
 }
 # targets mounted with a lower index (`unionfs index build`) of their lower branch
 INDEXED = {"unionfs-index"}
