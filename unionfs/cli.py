@@ -38,6 +38,10 @@ mount options (-o, comma separated, may repeat):
                        (ENOSPC, EROFS) surface from write/fsync/close instead of open
   dircache=0|1         kernel caches directory listings, no opendir/releasedir requests
                        (default 1; needs the pyfuse3 that scripts/setup.sh builds, else off)
+  loop=direct|trio     how requests are received: direct (default with the pyfuse3 that
+                       scripts/setup.sh builds) reads /dev/fuse in the main thread and answers
+                       each request at once; trio runs pyfuse3's trio main loop (several times
+                       the cost per request; always used with an upstream pyfuse3)
   lowerindex=FILE      an index of the lower branches (`unionfs index build`): lookups read
                        the lower layers from it instead of probing each one; the mount fails
                        if the index was built for other layers or a layer changed since
@@ -167,6 +171,10 @@ def parse_options(opts: Sequence[str]) -> dict[str, object]:
                     raise UsageError(f"lowerindex_check: expected dirs, files or roots, got "
                                      f"{value!r}")
                 res[key] = value
+            elif key == "loop":
+                if value not in ("direct", "trio"):
+                    raise UsageError(f"loop: expected direct or trio, got {value!r}")
+                res[key] = value
             elif key in ("dircache", "noopen"):
                 if value not in ("0", "1"):
                     raise UsageError(f"{key}: expected 0 or 1, got {value!r}")
@@ -271,6 +279,7 @@ def check(settings: dict[str, object], mountpoint: str, foreground: bool, debug:
         readahead_kib=int(settings.get("readahead", 1024)),  # type: ignore[call-overload]
         lowerindex=lowerindex,
         lowerindex_check=str(settings.get("lowerindex_check", "dirs")),
+        loop=str(settings.get("loop", "direct")),
     )
 
 

@@ -22,6 +22,7 @@ class Config:
     dircache: bool = True  # stateless readdir with kernel-cached listings, when pyfuse3 can
     noopen: bool = False  # per-inode I/O without open/release requests (opt-in, see cli help)
     squash_to_root: bool = False
+    loop: str = "direct"  # "direct" (pyfuse3.main_blocking, patched pyfuse3) or "trio"
     lowerindex: str | None = None  # a `layerindex` file describing the lower branches
     lowerindex_check: str = "dirs"  # how it is checked against them at mount (see layerindex)
     fuse_options: tuple[str, ...] = field(default=())

@@ -22,6 +22,7 @@ from .mountinfo import device_of
 from .ops import (
     UnionOperations,
     dircache_supported,
+    direct_loop_supported,
     enable_dircache,
     enable_flush_direct,
     enable_noopen,
@@ -100,6 +101,48 @@ async def _serve(ops: UnionOperations, stats_path: str | None, readahead_kib: in
         nursery.cancel_scope.cancel()
 
 
+def _serve_direct(ops: UnionOperations, stats_path: str | None, readahead_kib: int = 0,
+                  mountpoint: str = "") -> None:
+    """Serve without trio (`pyfuse3.main_blocking`): requests are read in this thread and
+    answered at once; signal handlers run between requests: SIGTERM/SIGINT/SIGHUP end the
+    loop, SIGUSR1 dumps the stats."""
+    seq = 0
+
+    def end(signum: int, _frame: object) -> None:
+        log.info("signal %d: unmounting", signum)
+        pyfuse3.terminate_blocking()
+
+    def dump(_signum: int, _frame: object) -> None:
+        nonlocal seq
+        seq += 1
+        assert stats_path is not None
+        try:
+            dump_stats(ops, stats_path, seq)
+        except OSError as e:
+            log.warning("cannot write stats to %s: %s", stats_path, e)
+
+    handlers: dict[int, Callable[[int, object], None]] = {
+        signal.SIGTERM: end, signal.SIGINT: end, signal.SIGHUP: end}
+    if stats_path:
+        handlers[signal.SIGUSR1] = dump
+    previous = {sig: signal.signal(sig, fn) for sig, fn in handlers.items()}
+    # the loop waits on this pipe too: a signal arriving while no request does still runs
+    # its handler at once (Python's C-level handler writes a byte to it)
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    def widen_readahead() -> None:  # once the kernel applied FUSE_INIT's reply (128 KiB)
+        set_readahead(mountpoint, readahead_kib)
+
+    try:
+        pyfuse3.main_blocking(widen_readahead if readahead_kib else None, r)
+    finally:
+        signal.set_wakeup_fd(old_wakeup)
+        os.close(r)
+        os.close(w)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def set_readahead(mountpoint: str, kib: int) -> bool:
     """Widen the mount's read-ahead window (the kernel starts FUSE mounts at 128 KiB, so a
     streaming read costs a request per 128 KiB; reads of up to max_write, 1 MiB, are allowed).
@@ -125,7 +168,9 @@ def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
     ops = UnionOperations(union, timeout=config.timeout, writeback=config.writeback,
                           debug=config.debug, count_requests=stats_path is not None,
                           dircache=config.dircache and dircache_supported(),
-                          noopen=config.noopen and noopen_supported() and os.geteuid() == 0)
+                          noopen=config.noopen and noopen_supported() and os.geteuid() == 0,
+                          loop="direct" if config.loop == "direct" and direct_loop_supported()
+                          else "trio")
     if ops.dircache:
         enable_dircache()
     if ops.noopen:
@@ -140,7 +185,10 @@ def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
     try:
         if ready is not None:
             ready()
-        trio.run(_serve, ops, stats_path, config.readahead_kib, config.mountpoint)
+        if ops.loop == "direct":
+            _serve_direct(ops, stats_path, config.readahead_kib, config.mountpoint)
+        else:
+            trio.run(_serve, ops, stats_path, config.readahead_kib, config.mountpoint)
     finally:
         try:
             pyfuse3.close(unmount=True)

@@ -92,6 +92,13 @@ def enable_flush_direct() -> None:
     pyfuse3.answer_flush_directly(True)
 
 
+def direct_loop_supported() -> bool:
+    """Whether this pyfuse3 can serve without trio (`pyfuse3.main_blocking`, the patch):
+    every handler here runs to completion without suspending, so each request can be answered
+    as soon as it is read, without a trip through trio's scheduler."""
+    return hasattr(pyfuse3, "main_blocking")
+
+
 class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
     supports_dot_lookup = True
     enable_acl = False
@@ -101,7 +108,7 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     def __init__(self, union: Union, timeout: float, writeback: bool = True,
                  debug: bool = False, count_requests: bool = False,
-                 dircache: bool = False, noopen: bool = False) -> None:
+                 dircache: bool = False, noopen: bool = False, loop: str = "trio") -> None:
         super().__init__()
         self.union = union
         self.timeout = timeout
@@ -111,6 +118,7 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         self.requests: Counter[str] = Counter()
         self.bugs = 0
         self.dircache = dircache
+        self.loop = loop  # how requests are received (see `mount.serve`)
         # With `noopen`, open and create answer ENOSYS once: the kernel then sends no open,
         # create or release requests (regular files are made with mknod), keeps page caches
         # across opens, and pyfuse3 hands read/write/fsync the inode number (the patched
@@ -125,11 +133,12 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
             self.on_init()
 
     def stats(self) -> dict[str, Any]:
-        """Request counts per handler (when counting), handler bugs, CPU seconds so far, and how
-        many inodes the kernel holds."""
+        """Request counts per handler (when counting), handler bugs, CPU seconds so far, how
+        many inodes the kernel holds, and the request loop in use."""
         ru = resource.getrusage(resource.RUSAGE_SELF)
         return {"requests": dict(self.requests), "bugs": self.bugs,
-                "cpu_s": ru.ru_utime + ru.ru_stime, "nodes": len(self.union.inodes.nodes)}
+                "cpu_s": ru.ru_utime + ru.ru_stime, "nodes": len(self.union.inodes.nodes),
+                "loop": self.loop}
 
     # --- translation helpers ---------------------------------------------------------
     def _attr(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:

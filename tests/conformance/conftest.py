@@ -2,7 +2,8 @@
 
 Targets (ids): `plain` (a directory on the host file system, validates the tests), the kernel
 overlayfs oracle `overlay-fresh` / `overlay-lower`, and `unionfs-fresh` / `unionfs-lower` (plus
-`unionfs-noopen` and `unionfs-index`, lower-only directories with `noopen=1` / a lower index).
+`unionfs-noopen`, `unionfs-index` and `unionfs-trio`, lower-only directories with `noopen=1` /
+a lower index / pyfuse3's trio loop instead of the default direct one).
 `CONFORMANCE_EXTRA=fuse-overlayfs` adds `fusefs-fresh` / `fusefs-lower` (comma-separated list).
 
 *-fresh: the test directory is created through the mount (it lives in the upper branch only).
@@ -48,6 +49,7 @@ BASE_TARGETS = [
     TargetSpec("unionfs-lower", "unionfs", "lower"),
     TargetSpec("unionfs-noopen", "unionfs", "lower"),
     TargetSpec("unionfs-index", "unionfs", "lower"),
+    TargetSpec("unionfs-trio", "unionfs", "lower"),
 ]
 EXTRA_TARGETS = {
     "fuse-overlayfs": [
@@ -69,6 +71,7 @@ TARGET_OPTIONS: dict[str, list[str]] = {
     "unionfs-noopen": ["noopen=1"],  # per-inode I/O: the kernel sends no open/release
     # the index checked object by object, then lower attributes served from it
     "unionfs-index": ["lowerindex_check=files"],
+    "unionfs-trio": ["loop=trio"],  # the loop upstream pyfuse3 gets
 }
 # targets mounted with a lower index (`unionfs index build`) of their lower branch
 INDEXED = {"unionfs-index"}

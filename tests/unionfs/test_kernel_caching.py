@@ -374,3 +374,21 @@ def test_flush_is_answered_without_python(stack: Stack, tmp_path: Path,
         counts = requests(m, stats, seq)
     assert counts.get("release", 0) >= 40  # the closes reached the server
     assert counts.get("flush", 0) == 0, counts
+
+
+@pytest.mark.parametrize("loop", ["direct", "trio"])
+def test_the_request_loop_in_use(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 loop: str) -> None:
+    """`loop=direct` (the default with the patched pyfuse3) serves from pyfuse3.main_blocking,
+    `loop=trio` from pyfuse3's trio loop; both serve, count and dump stats on SIGUSR1."""
+    write(stack.lowers[0] / "f", "1")
+    stats = tmp_path / "stats.json"
+    monkeypatch.setenv("UNIONFS_STATS_FILE", str(stats))
+    options = () if loop == "direct" else ("loop=trio",)
+    with stack.mount(options=options) as m:
+        assert (stack.mnt / "f").read_text() == "1"
+        (stack.mnt / "g").write_text("2")
+        counts = requests(m, stats, [0])
+        assert json.loads(stats.read_text())["loop"] == loop
+    assert counts.get("lookup", 0) >= 2
+    assert (stack.upper / "g").read_text() == "2"
