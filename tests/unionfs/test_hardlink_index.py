@@ -109,7 +109,8 @@ def test_name_changes_link_every_name_first(stack: Stack, op: str) -> None:
         assert os.lstat(stack.upper / "e" / "f" / "c").st_nlink == len(left)
 
 
-def test_names_linked_at_the_next_mount_after_a_kill(stack: Stack) -> None:
+def _copy_up_then_kill(stack: Stack) -> None:
+    """Copy up `a` through a mount whose server is then SIGKILLed (no unmount-time linking)."""
     _hard_linked(stack)
     with stack.mount() as m:
         _append(m.mnt / "a")
@@ -117,6 +118,10 @@ def test_names_linked_at_the_next_mount_after_a_kill(stack: Stack) -> None:
         os.killpg(m.server.pid, signal.SIGKILL)
         m.server.wait(timeout=30)
         unmount(m.mnt)
+
+
+def test_names_linked_at_the_next_mount_after_a_kill(stack: Stack) -> None:
+    _copy_up_then_kill(stack)
     assert len(_records(stack)) == 1
     assert not (stack.upper / "d").exists()
     with stack.mount() as m:
@@ -128,13 +133,7 @@ def test_names_linked_at_the_next_mount_after_a_kill(stack: Stack) -> None:
 
 
 def test_a_record_of_a_missing_branch_is_dropped(stack: Stack) -> None:
-    _hard_linked(stack)
-    with stack.mount() as m:
-        _append(m.mnt / "a")
-        assert m.server is not None
-        os.killpg(m.server.pid, signal.SIGKILL)
-        m.server.wait(timeout=30)
-        unmount(m.mnt)
+    _copy_up_then_kill(stack)
     # mounted again without the branch the record names: it cannot be completed
     with stack.mount(lowers=stack.lowers[:1]) as m:
         assert _records(stack) == []

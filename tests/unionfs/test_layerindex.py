@@ -523,16 +523,22 @@ def _traced_lookup(scratch: Path, lowers: list[Path], name: str, options: list[s
     return re.findall(r"<(/[^>]*)>", text) + re.findall(r'"(/[^"]*)"', text)
 
 
-@pytest.mark.skipif(shutil.which("strace") is None or not ROOT or not os.path.exists("/dev/fuse"),
-                    reason="needs strace, root and /dev/fuse")
-def test_cold_lookup_with_index_touches_only_the_holding_layer(scratch: Path) -> None:
-    n = 16
+def _bottom_name_stack(scratch: Path, n: int) -> tuple[list[Path], Path]:
+    """N layers that all hold d/, each a name of its own, the bottom one d/bottom; indexed."""
     lowers = _mkstack(scratch / "layers", n)
     for i, p in enumerate(lowers):
         (p / "d" / f"only{i}").touch()
     (lowers[-1] / "d" / "bottom").write_text("x")
     index = scratch / "idx"
     layerindex.write([str(p) for p in lowers], str(index))
+    return lowers, index
+
+
+@pytest.mark.skipif(shutil.which("strace") is None or not ROOT or not os.path.exists("/dev/fuse"),
+                    reason="needs strace, root and /dev/fuse")
+def test_cold_lookup_with_index_touches_only_the_holding_layer(scratch: Path) -> None:
+    n = 16
+    lowers, index = _bottom_name_stack(scratch, n)
     # the lookup of "d" stats it in its top layer (a directory's attributes), nothing else there
     top = str(lowers[0])
     others = [str(p) for p in lowers[1:-1]]
@@ -558,12 +564,7 @@ def test_cold_lookup_with_index_attributes_touches_no_layer(scratch: Path, check
     name (and of its directory) makes no system call in any layer; without them (dirs) it
     stats the name in the holding layer."""
     n = 16
-    lowers = _mkstack(scratch / "layers", n)
-    for i, p in enumerate(lowers):
-        (p / "d" / f"only{i}").touch()
-    (lowers[-1] / "d" / "bottom").write_text("x")
-    index = scratch / "idx"
-    layerindex.write([str(p) for p in lowers], str(index))
+    lowers, index = _bottom_name_stack(scratch, n)
     layer_paths = [str(p) for p in lowers]
 
     def touched(paths: list[str]) -> set[str]:
