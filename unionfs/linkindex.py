@@ -37,6 +37,7 @@ class Pending:
     nlink: int  # the link count the union shows while names are pending (the lower one's)
     node_ino: int  # our inode number of the copy
     key: bytes  # the record's name in the index directory
+    copy: tuple[int, int] | None = None  # (st_dev, st_ino) of the copy once it is in place
 
 
 def key_of(branch: int, dev: int, ino: int) -> bytes:
@@ -83,8 +84,9 @@ class LinkIndex:
 
     def add(self, rec: Pending, copy: os.stat_result) -> None:
         """REC's copy is in place (its stat is COPY): lookups may now link it."""
+        rec.copy = (copy.st_dev, copy.st_ino)
         self.by_lower[(rec.branch, rec.dev, rec.ino)] = rec
-        self.by_copy[(copy.st_dev, copy.st_ino)] = rec
+        self.by_copy[rec.copy] = rec
 
     def for_lower(self, branch: int, st: os.stat_result) -> Pending | None:
         return self.by_lower.get((branch, st.st_dev, st.st_ino))
@@ -99,8 +101,8 @@ class LinkIndex:
         parsed = parse_key(key)
         if parsed is not None:
             rec = self.by_lower.pop(parsed, None)
-            if rec is not None:
-                self.by_copy = {k: v for k, v in self.by_copy.items() if v is not rec}
+            if rec is not None and rec.copy is not None:
+                self.by_copy.pop(rec.copy, None)
 
     def close(self) -> None:
         if self.fd >= 0:

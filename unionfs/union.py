@@ -434,10 +434,10 @@ class Union:
                 children[name] = (res, paths)
             top = res.branches[0]
             st = self.branches[top].stat_after_entry(paths[top])
-        if link and self.links and top and st.st_nlink > 1 and res.kind is not Kind.DIR:
+        if st.st_nlink > 1 and top and link and self.links and res.kind is not Kind.DIR:
             rec = self.links.for_lower(top, st)
             if rec is not None:  # another name of a copied-up hard link: link the copy here
-                self._link_copy(rec, parent, name)
+                self._link_at(self.links.fd, rec.key, parent, name)
                 return self._lookup_child(parent, name, link=False)
         return self._node_for(parent, name, res, paths, st=st)
 
@@ -838,11 +838,6 @@ class Union:
                 lst = self.branches[rec.branch].stat(paths[rec.branch])
                 if (lst.st_dev, lst.st_ino) == (st.st_dev, st.st_ino):
                     self._link_at(self.links.fd, rec.key, parent, name)
-
-    def _link_copy(self, rec: Pending, parent: Node, name: bytes) -> None:
-        """Lookup met PARENT/NAME, another name of REC's lower object: link the copy there."""
-        assert self.links is not None
-        self._link_at(self.links.fd, rec.key, parent, name)
 
     def settle_links(self) -> None:
         """Link every name still pending in the hard-link index (see `linkindex`)."""
