@@ -242,8 +242,12 @@ class Branch:
         finally:
             os.close(pfd)
 
-    def entry(self, parent: bytes, name: bytes) -> BranchEntry:
-        """What this branch holds at PARENT/NAME, whiteouts and opaqueness classified."""
+    def entry(self, parent: bytes, name: bytes, beside: bool = True) -> BranchEntry:
+        """What this branch holds at PARENT/NAME, whiteouts and opaqueness classified.
+
+        BESIDE=False (upper branch, a directory that merges no lower one): a `.wh.NAME` file
+        beside a non-directory is not looked for; with nothing below to hide it cannot change
+        what the name resolves to."""
         if not self.writable:
             e = self.listing(parent).entry(name)
             if e.kind is Kind.DIR:
@@ -257,17 +261,20 @@ class Branch:
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
                 return MISSING
             raise
-        return self._entry_at(pfd, parent, name)
+        return self._entry_at(pfd, parent, name, beside)
 
-    def _entry_at(self, pfd: int, parent: bytes, name: bytes) -> BranchEntry:
-        hides = _exists(pfd, b".wh." + name)
+    def _entry_at(self, pfd: int, parent: bytes, name: bytes, beside: bool = True
+                  ) -> BranchEntry:
         try:
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
             self._last = None
-            return BranchEntry(Kind.MISSING, hides_below=True) if hides else MISSING
+            if beside and _exists(pfd, b".wh." + name):
+                return BranchEntry(Kind.MISSING, hides_below=True)
+            return MISSING
         self._last = (join(parent, name), st)
         mode = st.st_mode
+        hides = (beside or stat.S_ISDIR(mode)) and _exists(pfd, b".wh." + name)
         if stat.S_ISDIR(mode):
             rel = join(parent, name)
             opaque, redirect, dead = self.dir_info(rel)

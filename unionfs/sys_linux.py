@@ -1,4 +1,4 @@
-"""Linux system calls that the os module lacks: openat2, renameat2, FICLONE, mknodat-free helpers.
+"""Linux system calls that the os module lacks: openat2, renameat2, FICLONE, fallocate, helpers.
 
 Each wrapper raises OSError with the kernel's errno, like the os module does.
 """
@@ -66,6 +66,21 @@ def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes,
 
 def ficlone(dst_fd: int, src_fd: int) -> None:
     fcntl.ioctl(dst_fd, FICLONE, src_fd)
+
+
+_fallocate = _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+
+FALLOC_FL_KEEP_SIZE = 1
+
+
+def fallocate(fd: int, offset: int, length: int) -> None:
+    """fallocate(2) with FALLOC_FL_KEEP_SIZE: reserve the blocks of [OFFSET, OFFSET+LENGTH) at
+    once, leaving the file's size as it is. Unlike posix_fallocate, never falls back to writing
+    zeros: EOPNOTSUPP where unsupported."""
+    if _fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) < 0:
+        _raise()
 
 
 def fd_path(fd: int) -> str:

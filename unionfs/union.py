@@ -290,8 +290,9 @@ class Union:
         entries: list[tuple[int, BranchEntry]] = []
         paths: dict[int, bytes] = {}
         redirected: list[tuple[int, BranchEntry]] | None = None
+        beside = bool(parent.lowers)  # (see `Branch.entry`)
         for branch, rel in self.layers(parent):
-            e = branch.entry(rel, name)
+            e = branch.entry(rel, name, beside)
             entries.append((branch.index, e))
             if redirected is not None:
                 continue  # what lies under this very name still counts for whiteouts
@@ -1096,15 +1097,23 @@ class Union:
         below = lower_exists(entries)
         if is_dir and self._whiteouts_refuse(node, below, replaced=False):
             raise _err(errno.ENOTEMPTY)
-        pfd = self._upper_dir(parent)
-        try:
+        if is_dir:
+            pfd = self._upper_dir(parent)  # its own fd: removing a directory drops the cache
+            try:
+                if below:
+                    self._make_whiteout(pfd, name, "dir" if in_upper else None)
+                elif in_upper:
+                    self._remove_upper(pfd, name, True)
+            finally:
+                os.close(pfd)
+        else:
+            self.copy_up(parent)
+            assert self.upper is not None
+            pfd = self.upper.dir_fd(parent.path())  # borrowed: nothing here moves directories
             if below:
-                self._make_whiteout(pfd, name, ("dir" if is_dir else "file") if in_upper
-                                    else None)
+                self._make_whiteout(pfd, name, "file" if in_upper else None)
             elif in_upper:
-                self._remove_upper(pfd, name, is_dir)
-        finally:
-            os.close(pfd)
+                os.unlink(name, dir_fd=pfd)
         self._changed(parent, name)
         self._after_unlink(node, parent, name)
 
