@@ -30,9 +30,9 @@ R = TypeVar("R")
 _ENOATTR = getattr(pyfuse3, "ENOATTR", errno.ENODATA)
 
 
-def _translating(
-    fn: Callable[P, Coroutine[Any, Any, R]],
-) -> Callable[P, Coroutine[Any, Any, R]]:
+def _translating(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Make the synchronous handler FN the coroutine function pyfuse3 calls (one coroutine per
+    request: the handler's body never awaits), translating its exceptions."""
     name = fn.__name__
 
     @functools.wraps(fn)
@@ -44,7 +44,7 @@ def _translating(
             if self.debug:
                 log.debug("%s%r", name, args[1:])
         try:
-            return await fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
@@ -166,7 +166,7 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     # --- lookups -----------------------------------------------------------------------
     @_translating
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
+    def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
                      ) -> pyfuse3.EntryAttributes:
         try:
             node, st = self.union.lookup(parent_inode, name)
@@ -180,17 +180,17 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         return self._attr(node, st)
 
     @_translating
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
             self.union.forget(ino, n)
 
     @_translating
-    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         node, st = self.union.getattr(inode)
         return self._attr(node, st)
 
     @_translating
-    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any
+    def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any
                       ) -> pyfuse3.EntryAttributes:
         node, st = self.union.setattr(
             inode,
@@ -205,57 +205,57 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         return self._attr(node, st)
 
     @_translating
-    async def readlink(self, inode: int, ctx: Any) -> bytes:
+    def readlink(self, inode: int, ctx: Any) -> bytes:
         return self.union.readlink(inode)
 
     # --- creating and removing ------------------------------------------------------------
     @_translating
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+    def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
                     ) -> pyfuse3.EntryAttributes:
         node, st = self.union.mknod(parent_inode, name, mode, rdev, self._caller(ctx))
         return self._attr(node, st)
 
     @_translating
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any
+    def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any
                     ) -> pyfuse3.EntryAttributes:
         node, st = self.union.mkdir(parent_inode, name, mode, self._caller(ctx))
         return self._attr(node, st)
 
     @_translating
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+    def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any
                       ) -> pyfuse3.EntryAttributes:
         node, st = self.union.symlink(parent_inode, name, target, self._caller(ctx))
         return self._attr(node, st)
 
     @_translating
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
+    def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
                    ) -> pyfuse3.EntryAttributes:
         node, st = self.union.link(inode, new_parent_inode, new_name)
         return self._attr(node, st)
 
     @_translating
-    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+    def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self.union.unlink(parent_inode, name)
 
     @_translating
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+    def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self.union.rmdir(parent_inode, name)
 
     @_translating
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+    def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
         self.union.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     # --- files -------------------------------------------------------------------------
     @_translating
-    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+    def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         if self.noopen:
             raise pyfuse3.FUSEError(errno.ENOSYS)
         fh = self.union.open(inode, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_translating
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         if self.noopen:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel makes files with mknod then
@@ -263,19 +263,19 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(node, st)
 
     @_translating
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    def read(self, fh: int, off: int, size: int) -> bytes:
         if self.noopen:
             return self.union.read_inode(fh, off, size)
         return self.union.read(fh, off, size)
 
     @_translating
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    def write(self, fh: int, off: int, buf: bytes) -> int:
         if self.noopen:
             return self.union.write_inode(fh, off, buf)
         return self.union.write(fh, off, buf)
 
     @_translating
-    async def flush(self, fh: int) -> None:
+    def flush(self, fh: int) -> None:
         # Nothing to do (a write was applied when it was answered), but answered, not refused
         # with ENOSYS: after one ENOSYS the kernel never sends flush again, and close() then
         # sends nothing that can fail unless the write left times to write back. Dirty pages
@@ -284,14 +284,14 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         pass
 
     @_translating
-    async def fsync(self, fh: int, datasync: bool) -> None:
+    def fsync(self, fh: int, datasync: bool) -> None:
         if self.noopen:
             self.union.fsync_inode(fh, datasync)
         else:
             self.union.fsync(fh, datasync)
 
     @_translating
-    async def release(self, fh: int) -> None:
+    def release(self, fh: int) -> None:
         if not self.noopen:
             self.union.release(fh)
 
@@ -302,14 +302,14 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
     # FOPEN_KEEP_CACHE, invalidated by every change it makes or we notify), and pyfuse3 hands
     # readdir the inode number (see `dircache_supported`).
     @_translating
-    async def opendir(self, inode: int, ctx: Any) -> int:
+    def opendir(self, inode: int, ctx: Any) -> int:
         if self.dircache:
             raise pyfuse3.FUSEError(errno.ENOSYS)
         self.union.opendir(inode)
         return inode
 
     @_translating
-    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+    def readdir(self, fh: int, start_id: int, token: Any) -> None:
         parent = fh
         listing = self.union.readdir(parent)
         # offsets: "." 1, ".." 2, entries their name offsets (> 2). The kernel counts no lookup
@@ -337,16 +337,16 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
                 break
 
     @_translating
-    async def releasedir(self, fh: int) -> None:
+    def releasedir(self, fh: int) -> None:
         pass
 
     @_translating
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
         self.union.fsyncdir(fh)
 
     # --- xattrs ------------------------------------------------------------------------
     @_translating
-    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+    def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         try:
             return self.union.getxattr(inode, name)
         except OSError as e:
@@ -355,15 +355,15 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
             raise
 
     @_translating
-    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+    def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         return self.union.listxattr(inode)
 
     @_translating
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+    def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
         self.union.setxattr(inode, name, value)
 
     @_translating
-    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+    def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         try:
             self.union.removexattr(inode, name)
         except OSError as e:
@@ -373,11 +373,11 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     # --- misc --------------------------------------------------------------------------
     @_translating
-    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+    def access(self, inode: int, mode: int, ctx: Any) -> bool:
         return True
 
     @_translating
-    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+    def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         sv = self.union.statfs()
         d = pyfuse3.StatvfsData()
         d.f_bsize = sv.f_bsize
