@@ -26,8 +26,10 @@ from .ops import (
     enable_dircache,
     enable_flush_direct,
     enable_noopen,
+    enable_sync_handlers,
     flush_direct_supported,
     noopen_supported,
+    sync_handlers_supported,
 )
 from .union import Union
 
@@ -177,6 +179,10 @@ def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
         enable_noopen()
     if flush_direct_supported() and not config.debug:  # (-d logs every flush)
         enable_flush_direct()
+    if ops.loop == "direct" and sync_handlers_supported():
+        # (`-o loop=trio` keeps pyfuse3's coroutine path: the conformance target unionfs-trio
+        # tests it)
+        enable_sync_handlers()
     try:
         pyfuse3.init(ops, config.mountpoint, fuse_options(config))
     except BaseException:

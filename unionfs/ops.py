@@ -30,32 +30,48 @@ R = TypeVar("R")
 _ENOATTR = getattr(pyfuse3, "ENOATTR", errno.ENODATA)
 
 
+# the synchronous entry points (`<name>_sync`) of the handlers, set on UnionOperations below
+_SYNC_ENTRIES: dict[str, Callable[..., Any]] = {}
+
+
 def _translating(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Make the synchronous handler FN the coroutine function pyfuse3 calls (one coroutine per
-    request: the handler's body never awaits), translating its exceptions."""
+    """Make the synchronous handler FN the coroutine function pyfuse3 awaits (one coroutine per
+    request: the handler's body never awaits), and register `<name>_sync`, what the patched
+    pyfuse3 calls instead with `use_sync_handlers` (no coroutine at all). Both translate the
+    handler's exceptions."""
     name = fn.__name__
+
+    def make(direct: bool) -> Callable[P, R]:
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            self = args[0]
+            assert isinstance(self, UnionOperations)
+            if self.count_requests:
+                self.requests[name] += 1
+                if direct:
+                    self.sync_requests += 1
+                if self.debug:
+                    log.debug("%s%r", name, args[1:])
+            try:
+                return fn(*args, **kwargs)
+            except pyfuse3.FUSEError:
+                raise
+            except OSError as e:
+                code = e.errno or errno.EIO
+                if self.debug:
+                    log.debug("%s%r -> %s", name, args[1:], errno.errorcode.get(code, code))
+                raise pyfuse3.FUSEError(code) from None
+            except Exception:
+                self.bugs += 1
+                log.exception("unionfs bug in %s%r; answering EIO", name, args[1:])
+                raise pyfuse3.FUSEError(errno.EIO) from None
+        return call
+
+    inner = make(False)
+    _SYNC_ENTRIES[name] = make(True)
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        self = args[0]
-        assert isinstance(self, UnionOperations)
-        if self.count_requests:
-            self.requests[name] += 1
-            if self.debug:
-                log.debug("%s%r", name, args[1:])
-        try:
-            return fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except OSError as e:
-            code = e.errno or errno.EIO
-            if self.debug:
-                log.debug("%s%r -> %s", name, args[1:], errno.errorcode.get(code, code))
-            raise pyfuse3.FUSEError(code) from None
-        except Exception:
-            self.bugs += 1
-            log.exception("unionfs bug in %s%r; answering EIO", name, args[1:])
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        return inner(*args, **kwargs)
 
     return wrapper
 
@@ -92,6 +108,17 @@ def enable_flush_direct() -> None:
     pyfuse3.answer_flush_directly(True)
 
 
+def sync_handlers_supported() -> bool:
+    """Whether this pyfuse3 can call the handlers' synchronous entry points (`<name>_sync`)
+    straight from libfuse's callbacks (the patch): no coroutine is made per request. Global to
+    the process, like dircache."""
+    return hasattr(pyfuse3, "use_sync_handlers")
+
+
+def enable_sync_handlers() -> None:
+    pyfuse3.use_sync_handlers(True)
+
+
 def direct_loop_supported() -> bool:
     """Whether this pyfuse3 can serve without trio (`pyfuse3.main_blocking`, the patch):
     every handler here runs to completion without suspending, so each request can be answered
@@ -116,6 +143,7 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         self.debug = debug
         self.count_requests = count_requests or debug
         self.requests: Counter[str] = Counter()
+        self.sync_requests = 0  # of those, how many came through a `<name>_sync` entry
         self.bugs = 0
         self.dircache = dircache
         self.loop = loop  # how requests are received (see `mount.serve`)
@@ -133,12 +161,13 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
             self.on_init()
 
     def stats(self) -> dict[str, Any]:
-        """Request counts per handler (when counting), handler bugs, CPU seconds so far, how
-        many inodes the kernel holds, and the request loop in use."""
+        """Request counts per handler (when counting) and how many of them were answered
+        through the synchronous entry points, handler bugs, CPU seconds so far, how many inodes
+        the kernel holds, and the request loop in use."""
         ru = resource.getrusage(resource.RUSAGE_SELF)
-        return {"requests": dict(self.requests), "bugs": self.bugs,
-                "cpu_s": ru.ru_utime + ru.ru_stime, "nodes": len(self.union.inodes.nodes),
-                "loop": self.loop}
+        return {"requests": dict(self.requests), "sync_requests": self.sync_requests,
+                "bugs": self.bugs, "cpu_s": ru.ru_utime + ru.ru_stime,
+                "nodes": len(self.union.inodes.nodes), "loop": self.loop}
 
     # --- translation helpers ---------------------------------------------------------
     def _attr(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
@@ -391,3 +420,6 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         d.f_namemax = max(sv.f_namemax - 4, 1)
         return d
 
+
+for _name, _entry in _SYNC_ENTRIES.items():
+    setattr(UnionOperations, _name + "_sync", _entry)
