@@ -61,6 +61,10 @@ STAT_CACHE_MAX = 1 << 13
 # O_PATH fds of the upper's most recently used directories: an upper lookup, stat or change then
 # costs no openat2 path walk (the union drops them whenever a directory there moves or goes)
 DIRFD_CACHE_MAX = 64
+# the same for the lower branches (whose directories never move), this many over all of them
+# together, at least LOWER_DIRFD_MIN each: an open or copy-up of a lower file costs no path walk
+LOWER_DIRFDS = 128
+LOWER_DIRFD_MIN = 4
 
 _DIR = BranchEntry(Kind.DIR)
 _DIR_OPAQUE = BranchEntry(Kind.DIR, opaque=True)
@@ -93,6 +97,7 @@ class Branch:
         self._links: dict[int, list[bytes]] | None = None
         self._stats: dict[bytes, os.stat_result] = {}
         self._dirfds: OrderedDict[bytes, int] = OrderedDict()
+        self.dirfd_max = DIRFD_CACHE_MAX  # (the union gives lower branches their share)
         # the upper's lstat taken by the latest entry(), reused by the stat() that follows it in
         # the same request (nothing runs in between: the server is single-threaded)
         self._last: tuple[bytes, os.stat_result] | None = None
@@ -135,6 +140,8 @@ class Branch:
         self._stats.clear()
         self._links = None
         self._last = None
+        if not self.writable:
+            self.forget_dirs()
 
     def close(self) -> None:
         self.forget_dirs()
@@ -145,16 +152,16 @@ class Branch:
     # --- directory fds -------------------------------------------------------------------
     def open_dir(self, rel: bytes, flags: int = O_DIR_PATH) -> int:
         """A new fd for directory REL of this branch, never through a symlink."""
-        if flags == O_DIR_PATH and self.writable:
+        if flags == O_DIR_PATH:
             return os.dup(self.dir_fd(rel))
         if not rel:
             return sl.openat2(self.fd, b".", flags)
         return sl.openat2(self.fd, rel, flags)
 
     def dir_fd(self, rel: bytes) -> int:
-        """An O_PATH fd of directory REL of the upper branch, owned by the branch (do not close
-        it); the union calls `forget_dirs` whenever a directory there moves or goes."""
-        assert self.writable
+        """An O_PATH fd of directory REL, owned by the branch: do not close it, and do not keep
+        it across another dir_fd call (which may close it to make room). In the upper branch the
+        union calls `forget_dirs` whenever a directory moves or goes."""
         if not rel:
             return self.fd
         fds = self._dirfds
@@ -163,7 +170,7 @@ class Branch:
             fds.move_to_end(rel)
             return fd
         fd = sl.openat2(self.fd, rel, O_DIR_PATH)
-        if len(fds) >= DIRFD_CACHE_MAX:
+        if len(fds) >= self.dirfd_max:
             os.close(fds.popitem(last=False)[1])
         fds[rel] = fd
         return fd
@@ -234,13 +241,7 @@ class Branch:
         parent, name = split(rel)
         if not name:
             return os.fstat(self.fd)
-        if self.writable:
-            return os.stat(name, dir_fd=self.dir_fd(parent), follow_symlinks=False)
-        pfd = self.open_dir(parent)
-        try:
-            return os.stat(name, dir_fd=pfd, follow_symlinks=False)
-        finally:
-            os.close(pfd)
+        return os.stat(name, dir_fd=self.dir_fd(parent), follow_symlinks=False)
 
     def entry(self, parent: bytes, name: bytes, beside: bool = True) -> BranchEntry:
         """What this branch holds at PARENT/NAME, whiteouts and opaqueness classified.

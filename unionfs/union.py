@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from . import copyup, layerindex
 from . import sys_linux as sl
-from .branch import O_DIR_PATH, Branch, join, split
+from .branch import LOWER_DIRFD_MIN, LOWER_DIRFDS, O_DIR_PATH, Branch, join, split
 from .config import Config
 from .core.formats import (
     DEAD_XATTRS,
@@ -139,6 +139,9 @@ class Union:
             self.branches.append(self.upper)
         for p in config.lowers:
             self.branches.append(Branch(len(self.branches), p, writable=False))
+        for b in self.branches:
+            if not b.writable:
+                b.dirfd_max = max(LOWER_DIRFD_MIN, LOWER_DIRFDS // len(config.lowers))
         self.lindex = (layerindex.attach(config.lowerindex, self.branches,
                                          config.lowerindex_check)
                        if config.lowerindex else None)
@@ -1459,11 +1462,7 @@ class Union:
     def _open_fd(self, node: Node, flags: int) -> int:
         branch, rel = self.where(node)
         parent, name = split(rel)
-        pfd = branch.open_dir(parent)
-        try:
-            return os.open(name, self._open_flags(flags), dir_fd=pfd)
-        finally:
-            os.close(pfd)
+        return os.open(name, self._open_flags(flags), dir_fd=branch.dir_fd(parent))
 
     def open(self, ino: int, flags: int) -> int:
         node = self.node(ino)

@@ -44,7 +44,7 @@ from collections import Counter
 from pathlib import Path
 
 from tests.helpers.mounts import MOUNT_TIMEOUT, mount_overlay, unmount
-from unionfs.branch import DIRFD_CACHE_MAX
+from unionfs.branch import DIRFD_CACHE_MAX, LOWER_DIRFD_MIN, LOWER_DIRFDS
 
 from .support import (
     BUG_MARKER,
@@ -149,15 +149,23 @@ def _check_tree(mnt: Path) -> None:
             f"inode {ino}: {len(names)} names {names} but st_nlink {nlinks}")
 
 
-def _idle(pid: int, base_fds: int, upper: Path) -> None:
-    """Wait for the kernel's RELEASEs and FORGETs to be answered. The upper's directory fd
-    cache may keep up to DIRFD_CACHE_MAX fds; any other fd left is a leak."""
+def _cached(pid: int, br: Branches) -> int:
+    """The server's cached directory fds (`Branch.dir_fd`), checked against their bounds."""
+    upper = cached_dir_fds(pid, br.upper)
+    assert upper <= DIRFD_CACHE_MAX, f"{upper} cached upper directory fds"
+    lower = sum(cached_dir_fds(pid, p) for p in br.lowers)
+    assert lower <= max(LOWER_DIRFDS, LOWER_DIRFD_MIN * len(br.lowers)), \
+        f"{lower} cached lower directory fds"
+    return upper + lower
+
+
+def _idle(pid: int, base_fds: int, br: Branches) -> None:
+    """Wait for the kernel's RELEASEs and FORGETs to be answered. The branches' directory fd
+    caches may keep a bounded number of fds; any other fd left is a leak."""
     drop_caches()
 
     def others() -> int:
-        cached = cached_dir_fds(pid, upper)
-        assert cached <= DIRFD_CACHE_MAX, f"{cached} cached directory fds"
-        return fd_count(pid) - cached
+        return fd_count(pid) - _cached(pid, br)
 
     wait_until(lambda: others() <= base_fds + FD_SLACK, 10,
                f"server fds back to {base_fds} + {FD_SLACK} (now {others()} besides the "
@@ -177,12 +185,12 @@ def test_concurrent_random_operations(tmp_path: Path, rng: random.Random) -> Non
         pid = m.server.pid
         snapshot(br.mnt)
         drop_caches()
-        base_fds, base_rss = fd_count(pid) - cached_dir_fds(pid, br.upper), rss_kib(pid)
+        base_fds, base_rss = fd_count(pid) - _cached(pid, br), rss_kib(pid)
         totals += _check_results(_run_workers(br.mnt, out, phase, rng, "p1"), problems)
-        _idle(pid, base_fds, br.upper)
+        _idle(pid, base_fds, br)
         rss1 = rss_kib(pid)
         totals += _check_results(_run_workers(br.mnt, out, phase, rng, "p2"), problems)
-        _idle(pid, base_fds, br.upper)
+        _idle(pid, base_fds, br)
         rss2 = rss_kib(pid)
         assert alive(m), "the server died under load"
         if BUG_MARKER in br.log_text():
