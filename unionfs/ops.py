@@ -355,13 +355,15 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
             if not pyfuse3.readdir_reply(token, b"..", self._attr(up, ust), 2):
                 return
         entries, offsets = listing.entries, listing.offsets
+        dnode = self.union.node(parent)
+        lookup = self.union.lookup_listed
         for i in range(listing.start(start_id), len(entries)):
-            name = entries[i].name
+            e = entries[i]
             try:
-                node, st = self.union.lookup(parent, name)
+                node, st = lookup(dnode, e)
             except OSError:
                 continue  # vanished (an unreadable lower object)
-            if not pyfuse3.readdir_reply(token, name, self._attr(node, st), offsets[i]):
+            if not pyfuse3.readdir_reply(token, e.name, self._attr(node, st), offsets[i]):
                 self.union.forget(node.ino, 1)
                 break
 

@@ -41,6 +41,7 @@ from .core.formats import (
     TRUSTED_OPAQUE,
     USER_OPAQUE,
     check_name,
+    is_chardev_whiteout,
     is_private_xattr,
     wh_name,
 )
@@ -64,6 +65,7 @@ log = logging.getLogger("unionfs")
 
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _PLAIN_DIR = BranchEntry(Kind.DIR)
+_UPPER_OTHER = Resolution(Kind.OTHER, (0,))  # a non-directory of the upper branch
 
 
 # `shrink` once the kernel holds fewer than a quarter of at least this many inodes
@@ -398,6 +400,32 @@ class Union:
             st = self._stat(node)
         else:
             node, st = self._lookup_child(parent, name)
+        node.nlookup += 1
+        return node, st
+
+    def lookup_listed(self, parent: Node, entry: MergedEntry) -> tuple[Node, os.stat_result]:
+        """`lookup` of ENTRY of PARENT's merged listing (readdirplus looks every entry up).
+
+        A non-directory listed by the upper branch in a directory that merges no lower one
+        resolves to that upper object (nothing below, whiteouts are never listed): it is stat'ed
+        and known at once, without `_resolve` classifying the name again. The listing is as
+        fresh as the name cache (every change drops both)."""
+        upper = self.upper
+        name = entry.name
+        if (entry.is_dir or entry.branch != 0 or parent.lowers or upper is None
+                or (parent.children is not None and name in parent.children)):
+            return self.lookup(parent.ino, name)
+        try:
+            st = os.stat(name, dir_fd=upper.dir_fd(parent.path()), follow_symlinks=False)
+        except FileNotFoundError:
+            return self.lookup(parent.ino, name)
+        if stat.S_ISDIR(st.st_mode) or is_chardev_whiteout(st.st_mode, st.st_rdev):
+            return self.lookup(parent.ino, name)  # changed behind the union's back
+        if parent.children is None:
+            parent.children = {}
+        parent.children[name] = _UPPER_OTHER
+        node, st = self._node_for(parent, name, _UPPER_OTHER, {0: join(parent.path(), name)},
+                                  st=st)
         node.nlookup += 1
         return node, st
 

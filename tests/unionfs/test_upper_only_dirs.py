@@ -76,3 +76,56 @@ def test_names_in_a_merged_directory_are_probed(union: Union, probes: list[bytes
     probes.clear()
     union.lookup(m.ino, b"up")
     assert b".wh.up" in probes
+
+
+def test_readdirplus_knows_upper_only_entries_without_resolving(
+        union: Union, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d, _ = union.mkdir(1, b"new", 0o755)
+    for n in (b"a", b"b", b"gone"):
+        fh, _, _ = union.create(d.ino, n, 0o644, os.O_WRONLY)
+        union.release(fh)
+    union.mkdir(d.ino, b"sub", 0o755)
+    union._changed(d)
+    listing = union.readdir(d.ino)
+    os.unlink(tmp_path / "u" / "new" / "gone")  # behind the union's back, after the listing
+    resolved: list[bytes] = []
+    real = Union._resolve
+
+    def spy(self: Union, parent: object, name: bytes) -> object:
+        resolved.append(name)
+        return real(self, parent, name)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Union, "_resolve", spy)
+    got = {}
+    for e in listing.entries:
+        try:
+            node, st = union.lookup_listed(d, e)
+        except FileNotFoundError:
+            got[e.name] = None
+            continue
+        got[e.name] = (node.ino, st.st_ino, node.is_dir, node.nlookup)
+    assert sorted(resolved) == [b"gone", b"sub"]  # the vanished name and the directory only
+    assert got[b"gone"] is None
+    for n in (b"a", b"b"):
+        ino, st_ino, is_dir, nlookup = got[n]  # type: ignore[misc]
+        assert not is_dir and nlookup == 2  # create's reference and this one
+        assert st_ino == (tmp_path / "u" / "new" / n.decode()).stat().st_ino
+        assert union.lookup(d.ino, n)[0].ino == ino  # the same node as a plain lookup
+    assert got[b"sub"] is not None and got[b"sub"][2]
+
+
+def test_readdirplus_resolves_entries_of_merged_directories(
+        union: Union, monkeypatch: pytest.MonkeyPatch) -> None:
+    m, _ = union.lookup(1, b"merged")
+    listing = union.readdir(m.ino)
+    resolved: list[bytes] = []
+    real = Union._resolve
+
+    def spy(self: Union, parent: object, name: bytes) -> object:
+        resolved.append(name)
+        return real(self, parent, name)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Union, "_resolve", spy)
+    for e in listing.entries:
+        union.lookup_listed(m, e)
+    assert resolved == [b"low"]
