@@ -3,8 +3,9 @@
 Usage: python3 gen_sync_handlers.py pyfuse3-3.5.0/src/pyfuse3/handlers.pxi   (edits in place)
 
 Run on the upstream file (with the earlier patch items applied), then add by hand what is not
-generated: the `_sync_handlers` flag, `use_sync_handlers`, `_sync_handler_failed` and the forget
-callbacks (see the patch), and regenerate the patch with diff -ru (third_party/README.md).
+generated: the `_sync_handlers` flag, `use_sync_handlers`, `_sync_handler_failed`, the forget
+callbacks and the zero-copy view in `fuse_write_buf` (`_bufvec_view`; see the patch), and
+regenerate the patch with diff -ru (third_party/README.md).
 
 For each callback in OPS, `async def fuse_X_async (...)` gets a twin `cdef fuse_X_sync (...)` whose
 body is the same with `await operations.M(` replaced by `operations.M_sync(`, and the callback's

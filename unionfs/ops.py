@@ -144,6 +144,7 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         self.count_requests = count_requests or debug
         self.requests: Counter[str] = Counter()
         self.sync_requests = 0  # of those, how many came through a `<name>_sync` entry
+        self.view_writes = 0  # writes whose data came as a view of pyfuse3's buffer, not a copy
         self.bugs = 0
         self.dircache = dircache
         self.loop = loop  # how requests are received (see `mount.serve`)
@@ -162,10 +163,12 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     def stats(self) -> dict[str, Any]:
         """Request counts per handler (when counting) and how many of them were answered
-        through the synchronous entry points, handler bugs, CPU seconds so far, how many inodes
-        the kernel holds, and the request loop in use."""
+        through the synchronous entry points (and how many writes got their data without a
+        copy), handler bugs, CPU seconds so far, how many inodes the kernel holds, and the
+        request loop in use."""
         ru = resource.getrusage(resource.RUSAGE_SELF)
         return {"requests": dict(self.requests), "sync_requests": self.sync_requests,
+                "view_writes": self.view_writes,
                 "bugs": self.bugs, "cpu_s": ru.ru_utime + ru.ru_stime,
                 "nodes": len(self.union.inodes.nodes), "loop": self.loop}
 
@@ -299,6 +302,10 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     @_translating
     def write(self, fh: int, off: int, buf: bytes) -> int:
+        # (through the synchronous entry, BUF is a view of pyfuse3's buffer, valid during this
+        # call only: it is written at once and never kept)
+        if self.count_requests and isinstance(buf, memoryview):
+            self.view_writes += 1
         if self.noopen:
             return self.union.write_inode(fh, off, buf)
         return self.union.write(fh, off, buf)

@@ -400,3 +400,26 @@ def test_the_request_loop_in_use(stack: Stack, tmp_path: Path, monkeypatch: pyte
     else:
         assert dumped["sync_requests"] == 0, dumped
 
+
+@pytest.mark.parametrize("loop", ["direct", "trio"])
+def test_written_data_arrives_without_a_copy_on_the_direct_loop(
+        stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop: str) -> None:
+    """third_party patch item 7: a write's data reaches the synchronous handler as a view of
+    libfuse's buffer (released after the call); pyfuse3's coroutine path copies it to bytes.
+    Either way every byte lands."""
+    stats = tmp_path / "stats.json"
+    monkeypatch.setenv("UNIONFS_STATS_FILE", str(stats))
+    data = os.urandom(3 << 20) + b"tail"
+    options = () if loop == "direct" else ("loop=trio",)
+    with stack.mount(options=options) as m:
+        with open(stack.mnt / "big", "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        requests(m, stats, [0])
+        dumped = json.loads(stats.read_text())
+    assert (stack.upper / "big").read_bytes() == data
+    writes = dumped["requests"].get("write", 0)
+    assert writes >= 1
+    assert dumped["view_writes"] == (writes if loop == "direct" else 0), dumped
+
