@@ -634,6 +634,32 @@ def test_handler_bug_answers_eio_logs_traceback_and_keeps_serving(
     assert "readlink" in log
 
 
+def test_a_fatal_handler_error_ends_the_server_and_fails_the_request(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception no handler may swallow (a BaseException) ends the server, from the
+    synchronous entry point (patch item 7) as from a coroutine: the request fails with a
+    connection error, it does not hang, and the traceback is in the log."""
+    bugserver = Path(__file__).with_name("bugserver.py")
+    repo = str(Path(__file__).resolve().parents[2])
+    monkeypatch.setenv("PYTHONPATH", repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setattr(mounts, "unionfs_cmd", lambda: [sys.executable, str(bugserver)])
+    br = Branches.make(tmp_path)
+    _put(br.lowers[0] / "f", b"f")
+    os.symlink("f", br.lowers[0] / "trigger-unionfs-fatal")
+    with serve(br, check_log=False) as m:
+        assert m.server is not None
+        assert (br.mnt / "f").read_bytes() == b"f"
+        r = subprocess.run([sys.executable, "-c", "import os, sys; os.readlink(sys.argv[1])",
+                            str(br.mnt / "trigger-unionfs-fatal")],
+                           capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+        assert r.returncode != 0
+        assert "Errno 103" in r.stderr or "Errno 107" in r.stderr, r.stderr  # ECONNABORTED/ENOTCONN
+        m.server.wait(timeout=MOUNT_TIMEOUT)
+        assert m.server.returncode != 0
+    log = br.log_text()
+    assert "InjectedFatal: injected fatal error" in log, log
+
+
 def test_xattr_names_that_are_not_utf8(tmp_path: Path) -> None:
     """Xattr names are bytes like file names; one that is not valid UTF-8 must be listed, read
     and copied up like any other, not turn lookups, listings and copy-ups into EIO."""
