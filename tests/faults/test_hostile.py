@@ -605,14 +605,21 @@ def test_upper_remounted_read_only_fails_changes_with_erofs(
 
 # --- handler bugs ---------------------------------------------------------------------------------
 
-def test_handler_bug_answers_eio_logs_traceback_and_keeps_serving(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _bugserver_branches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Branches:
+    """Branches served by tests/faults/bugserver.py (the real CLI with one injected fault), with
+    a file `f` in the lower branch."""
     bugserver = Path(__file__).with_name("bugserver.py")
     repo = str(Path(__file__).resolve().parents[2])
     monkeypatch.setenv("PYTHONPATH", repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setattr(mounts, "unionfs_cmd", lambda: [sys.executable, str(bugserver)])
     br = Branches.make(tmp_path)
     _put(br.lowers[0] / "f", b"f")
+    return br
+
+
+def test_handler_bug_answers_eio_logs_traceback_and_keeps_serving(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    br = _bugserver_branches(tmp_path, monkeypatch)
     os.symlink("f", br.lowers[0] / "trigger-unionfs-bug")
     os.symlink("f", br.lowers[0] / "fine-link")
     with serve(br, check_log=False) as m:
@@ -639,12 +646,7 @@ def test_a_fatal_handler_error_ends_the_server_and_fails_the_request(
     """An exception no handler may swallow (a BaseException) ends the server, from the
     synchronous entry point (patch item 7) as from a coroutine: the request fails with a
     connection error, it does not hang, and the traceback is in the log."""
-    bugserver = Path(__file__).with_name("bugserver.py")
-    repo = str(Path(__file__).resolve().parents[2])
-    monkeypatch.setenv("PYTHONPATH", repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    monkeypatch.setattr(mounts, "unionfs_cmd", lambda: [sys.executable, str(bugserver)])
-    br = Branches.make(tmp_path)
-    _put(br.lowers[0] / "f", b"f")
+    br = _bugserver_branches(tmp_path, monkeypatch)
     os.symlink("f", br.lowers[0] / "trigger-unionfs-fatal")
     with serve(br, check_log=False) as m:
         assert m.server is not None

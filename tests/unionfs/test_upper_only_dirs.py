@@ -78,8 +78,22 @@ def test_names_in_a_merged_directory_are_probed(union: Union, probes: list[bytes
     assert b".wh.up" in probes
 
 
+@pytest.fixture
+def resolved(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The names `Union._resolve` is asked to classify from now on."""
+    seen: list[bytes] = []
+    real = Union._resolve
+
+    def spy(self: Union, parent: object, name: bytes) -> object:
+        seen.append(name)
+        return real(self, parent, name)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Union, "_resolve", spy)
+    return seen
+
+
 def test_readdirplus_knows_upper_only_entries_without_resolving(
-        union: Union, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        union: Union, tmp_path: Path, resolved: list[bytes]) -> None:
     d, _ = union.mkdir(1, b"new", 0o755)
     for n in (b"a", b"b", b"gone"):
         fh, _, _ = union.create(d.ino, n, 0o644, os.O_WRONLY)
@@ -88,14 +102,7 @@ def test_readdirplus_knows_upper_only_entries_without_resolving(
     union._changed(d)
     listing = union.readdir(d.ino)
     os.unlink(tmp_path / "u" / "new" / "gone")  # behind the union's back, after the listing
-    resolved: list[bytes] = []
-    real = Union._resolve
-
-    def spy(self: Union, parent: object, name: bytes) -> object:
-        resolved.append(name)
-        return real(self, parent, name)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Union, "_resolve", spy)
+    resolved.clear()
     got = {}
     for e in listing.entries:
         try:
@@ -115,17 +122,10 @@ def test_readdirplus_knows_upper_only_entries_without_resolving(
 
 
 def test_readdirplus_resolves_entries_of_merged_directories(
-        union: Union, monkeypatch: pytest.MonkeyPatch) -> None:
+        union: Union, resolved: list[bytes]) -> None:
     m, _ = union.lookup(1, b"merged")
     listing = union.readdir(m.ino)
-    resolved: list[bytes] = []
-    real = Union._resolve
-
-    def spy(self: Union, parent: object, name: bytes) -> object:
-        resolved.append(name)
-        return real(self, parent, name)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Union, "_resolve", spy)
+    resolved.clear()
     for e in listing.entries:
         union.lookup_listed(m, e)
     assert resolved == [b"low"]
