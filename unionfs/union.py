@@ -1081,6 +1081,10 @@ class Union:
         pfd, replace, _, drop_wh = self._prepare_create(parent, new_name)
         try:
             self.copy_up(node)
+            if self.links:
+                # the copy-up of a lower hard link may have left its other names pending (their
+                # count is the lower one): link them before the new name is counted
+                self.settle_links()
             assert node.parent is not None and self.upper is not None
             spfd = self.upper.open_dir(node.parent.path())
             try:

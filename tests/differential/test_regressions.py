@@ -294,3 +294,15 @@ def test_rename_of_a_hard_link_whose_other_name_the_kernel_looked_up_first() -> 
         ("rename", {"src": "b/c/a", "dst": "é x/b", "flags": 0}),
         ("rename", {"src": "a", "dst": "é x/b", "flags": 0}),
     ])
+
+
+def test_link_to_a_copied_up_hard_link_counts_its_pending_names() -> None:
+    # found by the state machine (CI, a random example): link(a, b) of a lower file hard-linked
+    # to 'é x' answered st_nlink 2 (overlayfs: 3). The link copied 'a' up, which left 'é x'
+    # pending in the lazy hard-link index with the lower count, and the new name was not
+    # counted. The names are now linked before the new one is added.
+    stack = Stack([Layer({"é x": File(Blob(3, 10)), "a": HardLink("é x")})])
+    replay(stack, [
+        ("link", {"src": "a", "dst": "b"}),
+        ("stat", {"path": "é x", "follow": False}),
+    ])
