@@ -1076,14 +1076,12 @@ class Union:
         if node.is_dir:
             raise _err(errno.EPERM)
         parent = self.node(new_parent_ino)
-        if self.links:
-            self.settle_links()  # link counts become exact before one changes
         pfd, replace, _, drop_wh = self._prepare_create(parent, new_name)
         try:
             self.copy_up(node)
             if self.links:
-                # the copy-up of a lower hard link may have left its other names pending (their
-                # count is the lower one): link them before the new name is counted
+                # link counts become exact before one changes, including the names a copy-up
+                # of a lower hard link (this one's too) left pending with the lower count
                 self.settle_links()
             assert node.parent is not None and self.upper is not None
             spfd = self.upper.open_dir(node.parent.path())
