@@ -3,9 +3,10 @@
 `Mctl` runs `python -m mountctl --root ROOT ...` as a subprocess with a timeout, rootful, or
 rootless: as uid 1000 inside a private mount namespace that the harness creates with
 `unshare -m`, where a 0666 character device 10,229 is bound over /dev/fuse (the host's node is
-never changed) and, when the venv's Python lives under a directory uid 1000 cannot traverse
-(/root is 0700 here), a tmpfs replaces that directory in the private namespace with the one
-subtree Python needs bound back in, so no permission on the host is weakened. Optionally
+never changed) and, when the interpreter, the venv or the project tree lives under a directory
+uid 1000 cannot traverse (/root is 0700 here; a clone in `mktemp -d`'s directory), a tmpfs
+replaces that directory in the private namespace with just the subtrees needed bound back in, so
+no permission on the host is weakened. Optionally
 /etc/subuid and /etc/subgid are replaced there too, by files granting uid 1000 a range.
 
 `leftovers(root, mark)` lists mounts under ROOT and processes whose command line mentions ROOT
@@ -102,14 +103,27 @@ def rootless_prelude(stage: Path, subids: bool) -> str:
              "mount -t tmpfs -o mode=0755 tmpfs \"$S\"",
              "mknod -m 0666 \"$S/fuse\" c 10 229",
              "mount --bind \"$S/fuse\" /dev/fuse"]
-    python = os.path.realpath(sys.executable)
-    blocked = _blocked_ancestor(python)
-    if blocked is not None:
+    # what uid 1000 must reach: the interpreter, the venv and the project tree (a clone may
+    # live in a 0700 directory, e.g. one made by mktemp -d)
+    needed = {os.path.realpath(sys.executable), os.path.realpath(sys.prefix),
+              str(Path(__file__).resolve().parents[2])}
+    keep: dict[str, set[str]] = {}
+    for path in needed:
+        blocked = _blocked_ancestor(path)
+        if blocked is not None:
+            keep.setdefault(blocked, set()).add(
+                f"{blocked}/{Path(path).relative_to(blocked).parts[0]}")
+    n = 0
+    for blocked, children in sorted(keep.items()):
         # e.g. /root (0700) -> a 0755 tmpfs on /root holding only /root/.pyenv, bound back
-        child = f"{blocked}/{Path(python).relative_to(blocked).parts[0]}"
-        lines += ["mkdir \"$S/keep\"", f"mount --bind {q(child)} \"$S/keep\"",
-                  f"mount -t tmpfs -o mode=0755 tmpfs {q(blocked)}",
-                  f"mkdir {q(child)}", f"mount --bind \"$S/keep\" {q(child)}"]
+        kept = []
+        for child in sorted(children):
+            n += 1
+            lines += [f"mkdir \"$S/keep{n}\"", f"mount --bind {q(child)} \"$S/keep{n}\""]
+            kept.append((child, f"$S/keep{n}"))
+        lines.append(f"mount -t tmpfs -o mode=0755 tmpfs {q(blocked)}")
+        for child, stash in kept:
+            lines += [f"mkdir {q(child)}", f"mount --bind \"{stash}\" {q(child)}"]
     if subids:
         lines += [f"echo {ROOTLESS_UID}:{SUBID_START}:65536 > \"$S/subid\"",
                   "mount --bind \"$S/subid\" /etc/subuid",
