@@ -125,6 +125,11 @@ class InodeTable:
     def add(self, node: Node) -> None:
         self.nodes[node.ino] = node
 
+    def compact(self) -> None:
+        """Give back the table memory of inodes forgotten since the peak (a dict never
+        shrinks its table when entries are deleted)."""
+        self.nodes = dict(self.nodes)
+
     def forget(self, ino: int, count: int) -> None:
         node = self.nodes.get(ino)
         if node is None:

@@ -506,6 +506,8 @@ class Union:
             node.merged = None
         self._nlinks.clear()
         self._redirect_maps.clear()
+        # a dict keeps the table of its largest size when emptied: copy the survivors out
+        self.inodes.compact()
         gc.collect()  # cyclic garbage of past requests (exception tracebacks) waits for gen 2
         sl.malloc_trim()
 

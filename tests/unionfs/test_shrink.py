@@ -1,0 +1,49 @@
+"""What the server gives back when the kernel forgets most of its inodes (`Union.shrink`, run
+from `forget`): every node is freed and the inode table's dict is copied down to its survivors,
+since a dict never shrinks the table of its largest size. In-process."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from unionfs.config import Config
+from unionfs.union import SHRINK_MIN_NODES, Union
+
+N = SHRINK_MIN_NODES + 1000
+
+
+@pytest.fixture
+def union(tmp_path: Path) -> Iterator[Union]:
+    lower = tmp_path / "l"
+    lower.mkdir()
+    for i in range(N):
+        (lower / f"f{i}").touch()
+    for d in ("u", "w"):
+        (tmp_path / d).mkdir()
+    u = Union(Config(lowers=(str(lower),), mountpoint=str(tmp_path),
+                     upper=str(tmp_path / "u"), work=str(tmp_path / "w")))
+    try:
+        yield u
+    finally:
+        u.close()
+
+
+def test_forgetting_most_inodes_frees_them_and_compacts_the_table(union: Union) -> None:
+    inos = []
+    for i in range(N):
+        node, _ = union.lookup(1, b"f%d" % i)  # counts the kernel's reference
+        inos.append(node.ino)
+    peak = sys.getsizeof(union.inodes.nodes)
+    keep = inos[-10:]
+    for ino in inos[:-10]:
+        union.forget(ino, 1)
+    assert set(union.inodes.nodes) == {1, *keep}
+    # the table was copied when the shrink ran (below a quarter of the peak), and again at each
+    # further quarter: what is left is sized for the survivors, not for the peak
+    assert sys.getsizeof(union.inodes.nodes) * 20 < peak
+    for ino in keep:
+        assert union.node(ino).name.startswith(b"f")
