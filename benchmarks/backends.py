@@ -349,6 +349,18 @@ class UnionfsNoopen(Unionfs):
         return argv
 
 
+class UnionfsNospin(Unionfs):
+    """unionfs with `-o spin=0` (the direct loop sleeps as soon as no request is waiting: the
+    loop before the spin); not in "all"."""
+
+    name = "unionfs-nospin"
+
+    def argv(self, stack: Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
+        argv = super().argv(stack, upper, work, mnt)
+        argv[argv.index("-o") + 1] += ",spin=0"
+        return argv
+
+
 class UnionfsIndex(Unionfs):
     """unionfs with `-o lowerindex=FILE`: the index of the lower layers is built before the
     mount, outside any timed region (as mountctl builds it once per image), with
@@ -377,7 +389,7 @@ class UnionfsIndex(Unionfs):
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Native(), Overlay(), FuseOverlayfs(), UnionfsFuse(), Unionfs(), UnionfsNoopen(),
-    UnionfsIndex())}
+    UnionfsNospin(), UnionfsIndex())}
 
 
 def probe_unionfs_fuse(chosen: list[Backend], skipped: dict[str, str]) -> str | None:

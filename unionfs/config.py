@@ -23,6 +23,7 @@ class Config:
     noopen: bool = False  # per-inode I/O without open/release requests (opt-in, see cli help)
     squash_to_root: bool = False
     loop: str = "direct"  # "direct" (pyfuse3.main_blocking, patched pyfuse3) or "trio"
+    spin_us: int = 50  # direct loop: poll this long for the next request before sleeping
     lowerindex: str | None = None  # a `layerindex` file describing the lower branches
     lowerindex_check: str = "dirs"  # how it is checked against them at mount (see layerindex)
     fuse_options: tuple[str, ...] = field(default=())

@@ -29,6 +29,7 @@ from .ops import (
     enable_sync_handlers,
     flush_direct_supported,
     noopen_supported,
+    spin_supported,
     sync_handlers_supported,
 )
 from .union import Union
@@ -103,6 +104,14 @@ async def _serve(ops: UnionOperations, stats_path: str | None, readahead_kib: in
         nursery.cancel_scope.cancel()
 
 
+def spin_time(requested_us: int) -> int:
+    """The spin the direct loop gets: none with one CPU to run on (the client needs that CPU
+    to send the next request; the spin yields it, but each yield is a wasted system call)."""
+    if requested_us <= 0 or not spin_supported():
+        return 0
+    return requested_us if len(os.sched_getaffinity(0)) > 1 else 0
+
+
 def _serve_direct(ops: UnionOperations, stats_path: str | None, readahead_kib: int = 0,
                   mountpoint: str = "") -> None:
     """Serve without trio (`pyfuse3.main_blocking`): requests are read in this thread and
@@ -136,7 +145,10 @@ def _serve_direct(ops: UnionOperations, stats_path: str | None, readahead_kib: i
         set_readahead(mountpoint, readahead_kib)
 
     try:
-        pyfuse3.main_blocking(widen_readahead if readahead_kib else None, r)
+        if ops.spin_us:
+            pyfuse3.main_blocking(widen_readahead if readahead_kib else None, r, ops.spin_us)
+        else:
+            pyfuse3.main_blocking(widen_readahead if readahead_kib else None, r)
     finally:
         signal.set_wakeup_fd(old_wakeup)
         os.close(r)
@@ -179,6 +191,8 @@ def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
         enable_noopen()
     if flush_direct_supported() and not config.debug:  # (-d logs every flush)
         enable_flush_direct()
+    if ops.loop == "direct":
+        ops.spin_us = spin_time(config.spin_us)
     if ops.loop == "direct" and sync_handlers_supported():
         # (`-o loop=trio` keeps pyfuse3's coroutine path: the conformance target unionfs-trio
         # tests it)

@@ -119,6 +119,12 @@ def enable_sync_handlers() -> None:
     pyfuse3.use_sync_handlers(True)
 
 
+def spin_supported() -> bool:
+    """Whether `pyfuse3.main_blocking` can poll for the next request before sleeping (the
+    patch's `spin_us`)."""
+    return hasattr(pyfuse3, "spin_stats")
+
+
 def direct_loop_supported() -> bool:
     """Whether this pyfuse3 can serve without trio (`pyfuse3.main_blocking`, the patch):
     every handler here runs to completion without suspending, so each request can be answered
@@ -148,6 +154,7 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         self.bugs = 0
         self.dircache = dircache
         self.loop = loop  # how requests are received (see `mount.serve`)
+        self.spin_us = 0  # the direct loop's spin before sleeping (set by `mount.serve`)
         # With `noopen`, open and create answer ENOSYS once: the kernel then sends no open,
         # create or release requests (regular files are made with mknod), keeps page caches
         # across opens, and pyfuse3 hands read/write/fsync the inode number (the patched
@@ -164,13 +171,16 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
     def stats(self) -> dict[str, Any]:
         """Request counts per handler (when counting) and how many of them were answered
         through the synchronous entry points (and how many writes got their data without a
-        copy), handler bugs, CPU seconds so far, how many inodes the kernel holds, and the
-        request loop in use."""
+        copy), handler bugs, CPU seconds so far, how many inodes the kernel holds, the
+        request loop in use, and its spin: microseconds polled for the next request before
+        sleeping, how many waits found one that way (hits) and how many went to sleep."""
         ru = resource.getrusage(resource.RUSAGE_SELF)
+        hits, misses = pyfuse3.spin_stats() if self.spin_us else (0, 0)
         return {"requests": dict(self.requests), "sync_requests": self.sync_requests,
                 "view_writes": self.view_writes,
                 "bugs": self.bugs, "cpu_s": ru.ru_utime + ru.ru_stime,
-                "nodes": len(self.union.inodes.nodes), "loop": self.loop}
+                "nodes": len(self.union.inodes.nodes), "loop": self.loop,
+                "spin_us": self.spin_us, "spin_hits": hits, "spin_misses": misses}
 
     # --- translation helpers ---------------------------------------------------------
     def _attr(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:

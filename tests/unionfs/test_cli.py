@@ -32,7 +32,7 @@ def test_help_documents_every_option() -> None:
     r = run("--help")
     assert r.returncode == 0
     for word in ("lowerdir=", "upperdir=", "workdir=", "-f", "-d", "timeout=", "writeback=",
-                 "readahead=", "dircache=", "allow_other", "--version"):
+                 "readahead=", "dircache=", "spin=", "allow_other", "--version"):
         assert word in r.stdout, word
     v = run("--version")
     assert v.returncode == 0 and v.stdout.startswith("unionfs ")
@@ -41,7 +41,7 @@ def test_help_documents_every_option() -> None:
 @pytest.mark.parametrize("case", [
     "no-lowerdir", "missing-lower", "lower-is-file", "upper-without-work", "work-without-upper",
     "foreign-workdir", "unknown-option", "upper-inside-lower", "missing-mountpoint",
-    "bad-timeout", "bad-readahead", "bad-dircache", "too-many-args",
+    "bad-timeout", "bad-readahead", "bad-dircache", "bad-spin", "negative-spin", "too-many-args",
 ])
 def test_bad_input_is_one_clear_line(stack: Stack, case: str, tmp_path: Path) -> None:
     lowers = ":".join(str(p) for p in stack.lowers)
@@ -75,6 +75,10 @@ def test_bad_input_is_one_clear_line(stack: Stack, case: str, tmp_path: Path) ->
         args = ["-o", _opts(stack, ",readahead=lots"), m]
     elif case == "bad-dircache":
         args = ["-o", _opts(stack, ",dircache=maybe"), m]
+    elif case == "bad-spin":
+        args = ["-o", _opts(stack, ",spin=fast"), m]
+    elif case == "negative-spin":
+        args = ["-o", _opts(stack, ",spin=-5"), m]
     else:
         args = ["-o", _opts(stack), "a", "b", m]
     r = run(*args)

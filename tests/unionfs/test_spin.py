@@ -1,0 +1,89 @@
+"""The direct loop's spin (third_party patch item 8, `-o spin=US`): after each request the server
+polls for the next one for up to US microseconds before sleeping, so a client that asks again at
+once finds it awake. Checked on real mounts through the stats dump: which spin the loop got, and
+that waits really end in the spin (hits) or in sleep (misses)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.unionfs.conftest import Stack, write
+from tests.unionfs.test_kernel_caching import requests
+from unionfs.cli import parse_options
+
+
+def _busy(mnt: Path, n: int = 300) -> None:
+    """Requests in quick succession: each open and fstat waits for its reply, each close sends
+    a release the client does not wait for, so the next open follows at once."""
+    for i in range(n):
+        fd = os.open(mnt / f"f{i % 10}", os.O_RDONLY)
+        os.fstat(fd)
+        os.close(fd)
+
+
+def _stats(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+           options: tuple[str, ...] = ()) -> dict[str, object]:
+    for i in range(10):
+        write(stack.lowers[0] / f"f{i}", str(i))
+    stats = tmp_path / "stats.json"
+    monkeypatch.setenv("UNIONFS_STATS_FILE", str(stats))
+    with stack.mount(options=options) as m:
+        _busy(stack.mnt)
+        counts = requests(m, stats, [0])
+        dumped: dict[str, object] = json.loads(stats.read_text())
+    assert counts.get("open", 0) >= 300, counts
+    return dumped
+
+
+@contextlib.contextmanager
+def _one_cpu() -> Iterator[None]:
+    """This process (and so the server it starts) runs on one CPU only, until the block ends."""
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(saved)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+def test_the_direct_loop_spins_and_catches_requests(stack: Stack, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("this host gives the tests one CPU: the server would not spin")
+    dumped = _stats(stack, tmp_path, monkeypatch)
+    assert dumped["loop"] == "direct" and dumped["spin_us"] == 50, dumped
+    hits, misses = dumped["spin_hits"], dumped["spin_misses"]
+    assert isinstance(hits, int) and isinstance(misses, int)
+    # every wait of the loop is one or the other, and the busy client is caught awake
+    assert hits + misses >= 900 and hits > 0, dumped
+
+
+@pytest.mark.parametrize("options", [("spin=0",), ("loop=trio",)], ids=["spin=0", "trio"])
+def test_no_spin_when_switched_off_or_on_the_trio_loop(
+        stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        options: tuple[str, ...]) -> None:
+    dumped = _stats(stack, tmp_path, monkeypatch, options)
+    assert dumped["spin_us"] == 0 and dumped["spin_hits"] == 0, dumped
+    assert dumped["spin_misses"] == 0, dumped
+
+
+def test_no_spin_on_a_single_cpu(stack: Stack, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that shares its only CPU with the client would spin while the client needs
+    that CPU to send the next request: the spin is off then, whatever `-o spin` says."""
+    with _one_cpu():
+        dumped = _stats(stack, tmp_path, monkeypatch, ("spin=200",))
+    assert dumped["loop"] == "direct", dumped
+    assert dumped["spin_us"] == 0 and dumped["spin_hits"] == 0 and dumped["spin_misses"] == 0
+
+
+def test_spin_option() -> None:
+    assert parse_options(["spin=0"])["spin"] == 0
+    assert parse_options(["spin=10000"])["spin"] == 10000
+    assert "spin" not in parse_options(["lowerdir=/a"])
