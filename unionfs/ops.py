@@ -311,7 +311,7 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         return self.union.read(fh, off, size)
 
     @_translating
-    def write(self, fh: int, off: int, buf: bytes) -> int:
+    def write(self, fh: int, off: int, buf: bytes | memoryview) -> int:
         # (through the synchronous entry, BUF is a view of pyfuse3's buffer, valid during this
         # call only: it is written at once and never kept)
         if self.count_requests and isinstance(buf, memoryview):

@@ -1605,7 +1605,7 @@ class Union:
     def read_inode(self, ino: int, off: int, size: int) -> bytes:
         return os.pread(self.inode_handle(ino, False).fd, size, off)
 
-    def write_inode(self, ino: int, off: int, buf: bytes) -> int:
+    def write_inode(self, ino: int, off: int, buf: bytes | memoryview) -> int:
         return os.pwrite(self.inode_handle(ino, True).fd, buf, off)
 
     def fsync_inode(self, ino: int, datasync: bool) -> None:
@@ -1617,7 +1617,7 @@ class Union:
     def read(self, fh: int, off: int, size: int) -> bytes:
         return os.pread(self._handle(fh).fd, size, off)
 
-    def write(self, fh: int, off: int, buf: bytes) -> int:
+    def write(self, fh: int, off: int, buf: bytes | memoryview) -> int:
         return os.pwrite(self._handle(fh).fd, buf, off)
 
     def fsync(self, fh: int, datasync: bool) -> None:
