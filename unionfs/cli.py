@@ -46,7 +46,8 @@ mount options (-o, comma separated, may repeat):
                        before sleeping (default 50; 0 never polls; off with a single CPU):
                        a client that sends its next request within that time finds the
                        server awake, which saves two task wake-ups per request (costly on
-                       virtual machines); costs up to that much CPU time per request
+                       virtual machines); costs up to that much CPU time per request, and
+                       stops while requests come further apart than that
   lowerindex=FILE      an index of the lower branches (`unionfs index build`): lookups read
                        the lower layers from it instead of probing each one; the mount fails
                        if the index was built for other layers or a layer changed since

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,14 @@ def _busy(mnt: Path, n: int = 300) -> None:
         fd = os.open(mnt / f"f{i % 10}", os.O_RDONLY)
         os.fstat(fd)
         os.close(fd)
+
+
+def _sparse(mnt: Path, n: int = 30) -> None:
+    """Single requests 3 ms apart (the kernel caches no xattr: each getxattr is a request)."""
+    for i in range(n):
+        with contextlib.suppress(OSError):  # ENODATA
+            os.getxattr(mnt / f"f{i % 10}", "user.none")
+        time.sleep(0.003)
 
 
 def _stats(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -64,13 +73,45 @@ def test_the_direct_loop_spins_and_catches_requests(stack: Stack, tmp_path: Path
     assert hits + misses >= 900 and hits > 0, dumped
 
 
+def test_the_spin_stops_for_sparse_requests_and_resumes_for_a_burst(
+        stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight waits in a row that the spin did not shorten switch it off (it would only burn
+    CPU); a request that comes soon after the previous reply switches it on again."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("this host gives the tests one CPU: the server would not spin")
+    for i in range(10):
+        write(stack.lowers[0] / f"f{i}", str(i))
+    stats = tmp_path / "stats.json"
+    monkeypatch.setenv("UNIONFS_STATS_FILE", str(stats))
+    seq = [0]
+
+    def spin() -> dict[str, int]:
+        requests(m, stats, seq)
+        d = json.loads(stats.read_text())
+        return {k: d[k] for k in ("spin_hits", "spin_misses", "spin_skips")}
+
+    with stack.mount() as m:
+        for i in range(10):
+            os.stat(stack.mnt / f"f{i}")  # the lookups, before the sparse phase
+        before = spin()
+        _sparse(stack.mnt)
+        sparse = spin()
+        _busy(stack.mnt)
+        busy = spin()
+    # 30 requests 3 ms apart: at most eight misses in a row, then every wait is skipped
+    assert sparse["spin_hits"] == before["spin_hits"], (before, sparse)
+    assert sparse["spin_misses"] - before["spin_misses"] <= 8, (before, sparse)
+    assert sparse["spin_skips"] - before["spin_skips"] >= 22, (before, sparse)
+    assert busy["spin_hits"] - sparse["spin_hits"] >= 100, (sparse, busy)
+
+
 @pytest.mark.parametrize("options", [("spin=0",), ("loop=trio",)], ids=["spin=0", "trio"])
 def test_no_spin_when_switched_off_or_on_the_trio_loop(
         stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         options: tuple[str, ...]) -> None:
     dumped = _stats(stack, tmp_path, monkeypatch, options)
     assert dumped["spin_us"] == 0 and dumped["spin_hits"] == 0, dumped
-    assert dumped["spin_misses"] == 0, dumped
+    assert dumped["spin_misses"] == 0 and dumped["spin_skips"] == 0, dumped
 
 
 def test_no_spin_on_a_single_cpu(stack: Stack, tmp_path: Path,
