@@ -133,6 +133,17 @@ def _unescape(value: str) -> str:
     return "".join(split_lowerdir(value.replace(":", "\\:")))
 
 
+def _bounded_int(key: str, value: str, high: int, unit: str) -> int:
+    """The value of option KEY as an integer in 0..HIGH (of UNIT), or a UsageError."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise UsageError(f"{key}: not a number of {unit}: {value!r}") from None
+    if not 0 <= n <= high:
+        raise UsageError(f"{key}: expected 0..{high} {unit}")
+    return n
+
+
 def parse_options(opts: Sequence[str]) -> dict[str, object]:
     """Interpret the -o options. Returns the recognised settings."""
     res: dict[str, object] = {"fuse": []}
@@ -165,21 +176,9 @@ def parse_options(opts: Sequence[str]) -> dict[str, object]:
                     raise UsageError(f"writeback: expected 0 or 1, got {value!r}")
                 res["writeback"] = value == "1"
             elif key == "readahead":
-                try:
-                    kib = int(value)
-                except ValueError:
-                    raise UsageError(f"readahead: not a number of KiB: {value!r}") from None
-                if not 0 <= kib <= 65536:
-                    raise UsageError("readahead: expected 0..65536 KiB")
-                res["readahead"] = kib
+                res["readahead"] = _bounded_int(key, value, 65536, "KiB")
             elif key == "spin":
-                try:
-                    us = int(value)
-                except ValueError:
-                    raise UsageError(f"spin: not a number of microseconds: {value!r}") from None
-                if not 0 <= us <= 10000:
-                    raise UsageError("spin: expected 0..10000 microseconds")
-                res["spin"] = us
+                res["spin"] = _bounded_int(key, value, 10000, "microseconds")
             elif key == "lowerindex_check":
                 if value not in ("dirs", "files", "roots"):
                     raise UsageError(f"lowerindex_check: expected dirs, files or roots, got "
