@@ -2,6 +2,7 @@
 
 `Stack.mount()` mounts the stack with unionfs (or another kind) and, on the way out, unmounts and
 fails the test if the server logged a handler bug (an exception other than OSError).
+`in_process_union` gives the engine without a mount, for tests that call it directly.
 """
 
 from __future__ import annotations
@@ -14,6 +15,22 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.mounts import Mount, mounted
+from unionfs.config import Config
+from unionfs.union import Union
+
+
+@contextlib.contextmanager
+def in_process_union(tmp_path: Path, lowers: list[Path]) -> Iterator[Union]:
+    """A `Union` over LOWERS (top first) with an empty upper and work directory in TMP_PATH,
+    closed on the way out."""
+    for d in ("u", "w"):
+        (tmp_path / d).mkdir()
+    u = Union(Config(lowers=tuple(map(str, lowers)), mountpoint=str(tmp_path),
+                     upper=str(tmp_path / "u"), work=str(tmp_path / "w")))
+    try:
+        yield u
+    finally:
+        u.close()
 
 
 class Stack:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.unionfs.conftest import in_process_union
 from unionfs import sys_linux as sl
 from unionfs.branch import LOWER_DIRFD_MIN, LOWER_DIRFDS
-from unionfs.config import Config
 from unionfs.union import Union
 
 NDIRS = 60
@@ -26,14 +26,8 @@ def union(tmp_path: Path) -> Iterator[Union]:
     for d in range(NDIRS):
         (lowers[2] / f"d{d}").mkdir()
         (lowers[2] / f"d{d}" / "f").write_text(str(d))
-    for d in ("u", "w"):
-        (tmp_path / d).mkdir()
-    u = Union(Config(lowers=tuple(map(str, lowers)), mountpoint=str(tmp_path),
-                     upper=str(tmp_path / "u"), work=str(tmp_path / "w")))
-    try:
+    with in_process_union(tmp_path, lowers) as u:
         yield u
-    finally:
-        u.close()
 
 
 def _open_all(u: Union) -> None:

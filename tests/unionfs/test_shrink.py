@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from unionfs.config import Config
+from tests.unionfs.conftest import in_process_union
 from unionfs.union import SHRINK_MIN_NODES, Union
 
 N = SHRINK_MIN_NODES + 1000
@@ -22,14 +22,8 @@ def union(tmp_path: Path) -> Iterator[Union]:
     lower.mkdir()
     for i in range(N):
         (lower / f"f{i}").touch()
-    for d in ("u", "w"):
-        (tmp_path / d).mkdir()
-    u = Union(Config(lowers=(str(lower),), mountpoint=str(tmp_path),
-                     upper=str(tmp_path / "u"), work=str(tmp_path / "w")))
-    try:
+    with in_process_union(tmp_path, [lower]) as u:
         yield u
-    finally:
-        u.close()
 
 
 def test_forgetting_most_inodes_frees_them_and_compacts_the_table(union: Union) -> None:

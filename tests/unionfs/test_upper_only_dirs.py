@@ -10,24 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.unionfs.conftest import in_process_union
 from unionfs import branch as branch_mod
-from unionfs.config import Config
 from unionfs.union import Union
 
 
 @pytest.fixture
 def union(tmp_path: Path) -> Iterator[Union]:
-    for d in ("l", "u", "w"):
-        (tmp_path / d).mkdir()
-    (tmp_path / "l" / "merged").mkdir()
+    (tmp_path / "l" / "merged").mkdir(parents=True)
     (tmp_path / "l" / "merged" / "low").write_text("low")
     os.umask(0o022)
-    u = Union(Config(lowers=(str(tmp_path / "l"),), mountpoint=str(tmp_path),
-                     upper=str(tmp_path / "u"), work=str(tmp_path / "w")))
-    try:
+    with in_process_union(tmp_path, [tmp_path / "l"]) as u:
         yield u
-    finally:
-        u.close()
 
 
 @pytest.fixture
