@@ -9,13 +9,18 @@
 | unionfs         | this project (`python -m unionfs`) over the overlay-format layers         |
 
 Every backend gets a fresh upper and work directory (or a fresh copy, for native) per mount, and
-default options, as a user would run it. `Mounted.sample()` reads what the server spent: CPU time
+default options, as a user would run it. unionfs keeps what it read of the layers' directories
+for its next mount (its lower cache, on by default); a benchmark run gives it a cache directory
+of its own, empty at the start (`LOWER_CACHE_ENV`): its first mount of a stack learns, the later
+rounds read the cache, as a user's second and later mounts do (`unionfs-nocache` never keeps
+anything). `Mounted.sample()` reads what the server spent: CPU time
 and RSS from /proc for every FUSE server, and for unionfs the FUSE request counts per type when the
 server supports the stats dump (see `STATS_ENV`); without it the counts are simply missing.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import importlib.util
@@ -48,6 +53,17 @@ STATS_ENV = "UNIONFS_STATS_FILE"
 """unionfs writes its request counters as JSON to this file on SIGUSR1 (when supported)."""
 
 STATS_TIMEOUT = 10.0
+
+LOWER_CACHE_ENV = "UNIONFS_LOWER_CACHE"
+"""unionfs keeps its lower cache in this directory (see `unionfs/lowercache.py`)."""
+
+
+@functools.cache
+def lower_cache_dir() -> Path:
+    """This benchmark run's lower cache for unionfs: empty at the start, removed at exit."""
+    d = Path(tempfile.mkdtemp(prefix="unionfs-bench-lowercache-"))
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    return d
 
 ALL_BACKENDS = ("native", "overlay", "fuse-overlayfs", "unionfs-fuse", "unionfs")
 ALIASES = {"overlayfs": "overlay", "kernel": "overlay", "fuse_overlayfs": "fuse-overlayfs",
@@ -330,6 +346,7 @@ class Unionfs(FuseServer):
                 p for p in (root, senv.get("PYTHONPATH", "")) if p)
         stats = where / "unionfs-stats.json"
         senv[STATS_ENV] = str(stats)
+        senv[LOWER_CACHE_ENV] = str(lower_cache_dir())
         return senv, stats
 
     def argv(self, stack: Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
@@ -361,6 +378,18 @@ class UnionfsNospin(Unionfs):
         return argv
 
 
+class UnionfsNocache(Unionfs):
+    """unionfs with `-o lowercache=off` (every mount reads the layers' directories afresh, as
+    a first mount does); not in "all"."""
+
+    name = "unionfs-nocache"
+
+    def argv(self, stack: Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
+        argv = super().argv(stack, upper, work, mnt)
+        argv[argv.index("-o") + 1] += ",lowercache=off"
+        return argv
+
+
 class UnionfsIndex(Unionfs):
     """unionfs with `-o lowerindex=FILE`: the index of the lower layers is built before the
     mount, outside any timed region (as mountctl builds it once per image), with
@@ -389,7 +418,7 @@ class UnionfsIndex(Unionfs):
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Native(), Overlay(), FuseOverlayfs(), UnionfsFuse(), Unionfs(), UnionfsNoopen(),
-    UnionfsNospin(), UnionfsIndex())}
+    UnionfsNospin(), UnionfsNocache(), UnionfsIndex())}
 
 
 def probe_unionfs_fuse(chosen: list[Backend], skipped: dict[str, str]) -> str | None:

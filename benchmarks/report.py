@@ -21,7 +21,7 @@ from .util import fmt_ratio, fmt_seconds, render_table
 REFERENCE = "fuse-overlayfs"
 COLORS = {"native": "#7f7f7f", "overlay": "#1f77b4", "fuse-overlayfs": "#2ca02c",
           "unionfs-fuse": "#9467bd", "unionfs": "#d62728", "unionfs-noopen": "#ff7f0e",
-          "unionfs-index": "#8c564b"}
+          "unionfs-index": "#8c564b", "unionfs-nospin": "#e377c2", "unionfs-nocache": "#bcbd22"}
 
 
 class MissingDependency(RuntimeError):
@@ -68,8 +68,7 @@ def ratio_table(res: Results, reference: str) -> str:
 def server_table(res: Results) -> str:
     """Server CPU seconds per workload for every FUSE backend, and unionfs request counts."""
     fuse = [b for b in res.backends
-            if b in ("fuse-overlayfs", "unionfs-fuse", "unionfs", "unionfs-noopen",
-                     "unionfs-index")]
+            if b in ("fuse-overlayfs", "unionfs-fuse") or b.startswith("unionfs")]
     if not fuse:
         return ""
     header = ["workload", *(f"cpu {b}" for b in fuse)]

@@ -45,13 +45,20 @@ _NO_INFO = DirInfo(False, None, None)
 
 
 class LayerKnowledge(Protocol):
-    """What a lower index (`layerindex.BranchView`) knows of this branch: None = not known."""
+    """What a lower index (`layerindex.BranchView`) or the lower cache
+    (`lowercache.LayerCache`) knows of this branch: None = not known. What the branch reads
+    from the layer itself is handed to `learn_*` (with the directory's fstat taken before)."""
 
     def listing(self, rel: bytes) -> Listing | None: ...
 
     def dir_info(self, rel: bytes) -> tuple[bool, bytes | None] | None: ...
 
     def stat(self, rel: bytes) -> os.stat_result | None: ...
+
+    def learn_listing(self, rel: bytes, st: os.stat_result, lst: Listing) -> None: ...
+
+    def learn_dir_info(self, rel: bytes, st: os.stat_result,
+                       info: tuple[bool, bytes | None]) -> None: ...
 
 CACHE_MAX = 1 << 18  # entries per read-only-branch cache before it starts over
 # lstat results are the largest cached items (about 600 bytes each): keep a working set, not one
@@ -302,19 +309,20 @@ class Branch:
                     self._dirinfo.clear()
                 self._dirinfo[rel] = info
                 return info
-        info = self._read_dir_info(rel)
+        info = self._read_dir_info(rel, self.known if not self.writable else None)
         if not self.writable:
             if len(self._dirinfo) >= CACHE_MAX:
                 self._dirinfo.clear()
             self._dirinfo[rel] = info
         return info
 
-    def _read_dir_info(self, rel: bytes) -> DirInfo:
+    def _read_dir_info(self, rel: bytes, learner: LayerKnowledge | None = None) -> DirInfo:
         try:
             fd = self.open_dir(rel)
         except OSError:
             return _NO_INFO
         try:
+            dst = os.fstat(fd) if learner is not None else None
             opaque = _exists(fd, OPAQUE_MARKER)
             redirect = dead = None
             try:
@@ -329,6 +337,9 @@ class Branch:
                     redirect = _getxattr(fd, bn)
                 elif bn in DEAD_XATTRS and self.writable:
                     dead = _getxattr(fd, bn)
+            if learner is not None:
+                assert dst is not None
+                learner.learn_dir_info(rel, dst, (opaque, redirect))
             if not (opaque or redirect or dead):
                 return _NO_INFO
             return DirInfo(opaque, redirect, dead)
@@ -346,14 +357,14 @@ class Branch:
                 return cached
         lst = self.known.listing(rel) if self.known is not None else None
         if lst is None:
-            lst = self._scan(rel)
+            lst = self._scan(rel, self.known if not self.writable else None)
         if not self.writable:
             if len(self._listings) >= CACHE_MAX >> 4:
                 self._listings.clear()
             self._listings[rel] = lst
         return lst
 
-    def _scan(self, rel: bytes) -> Listing:
+    def _scan(self, rel: bytes, learner: LayerKnowledge | None = None) -> Listing:
         try:
             fd = self.open_dir(rel, O_DIR_READ)
         except OSError as e:
@@ -361,6 +372,7 @@ class Branch:
                 return Listing()
             raise
         try:
+            dst = os.fstat(fd) if learner is not None else None  # before reading (see lowercache)
             xwh = self.has_xwhiteouts(fd)
             entries: dict[bytes, BranchEntry] = {}
             hidden: set[bytes] = set()
@@ -390,7 +402,11 @@ class Branch:
                         entries[name] = WHITEOUT
                     else:
                         entries[name] = _OTHER
-            return Listing(entries, frozenset(hidden), marker)
+            lst = Listing(entries, frozenset(hidden), marker)
+            if learner is not None and not xwh:  # a file's xattr whiteout changes no directory
+                assert dst is not None
+                learner.learn_listing(rel, dst, lst)
+            return lst
         finally:
             os.close(fd)
 

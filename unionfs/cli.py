@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from . import __version__
 from .config import Config
 from .linkindex import LINKS_SUBDIR
+from .lowercache import default_dir as default_cache_dir
 from .mount import GENERIC_FUSE_OPTIONS
 from .mountinfo import mounts
 
@@ -61,6 +62,13 @@ mount options (-o, comma separated, may repeat):
                        roots: only the layers' roots; attributes from the index too (for
                          layers immutable by construction, as in mountctl's store)
                        (attributes served from the index show the atime of the build)
+  lowercache=DIR|off   where each lower layer's directory listings and opaque flags, once
+                       read, are kept for the next mount (one file per layer; default
+                       /var/cache/unionfs/layers as root, else $XDG_CACHE_HOME/unionfs/layers;
+                       $UNIONFS_LOWER_CACHE overrides; off keeps nothing). A cached directory
+                       is used after one fstat shows it unchanged, so a cold lookup in a deep
+                       stack reads no directory of the layers that do not hold the name.
+                       Not used with lowerindex=
   allow_other          let other users in (default when run as root)
   allow_root           accepted for compatibility (implies allow_other)
   default_permissions  kernel permission checks (always on)
@@ -158,7 +166,7 @@ def parse_options(opts: Sequence[str]) -> dict[str, object]:
                 if not value or any(not d for d in dirs):
                     raise UsageError("lowerdir: empty branch path")
                 res["lowerdir"] = dirs
-            elif key in ("upperdir", "workdir", "fsname", "lowerindex"):
+            elif key in ("upperdir", "workdir", "fsname", "lowerindex", "lowercache"):
                 if not value:
                     raise UsageError(f"{key}: empty value")
                 res[key] = _unescape(value)
@@ -282,6 +290,14 @@ def check(settings: dict[str, object], mountpoint: str, foreground: bool, debug:
         if not os.path.isfile(lowerindex):
             raise UsageError(f"lowerindex {lowerindex!r} is not a file")
         lowerindex = os.path.realpath(lowerindex)
+    lowercache = settings.get("lowercache", default_cache_dir())
+    assert lowercache is None or isinstance(lowercache, str)
+    if lowercache == "off":
+        lowercache = None
+    elif lowercache is not None:
+        lowercache = os.path.abspath(lowercache)
+        if os.path.exists(lowercache) and not os.path.isdir(lowercache):
+            raise UsageError(f"lowercache {lowercache!r} is not a directory")
     return Config(
         lowers=tuple(lowers), mountpoint=mnt, upper=upper, work=work,
         foreground=foreground or debug, debug=debug, fsname=fsname,
@@ -292,6 +308,7 @@ def check(settings: dict[str, object], mountpoint: str, foreground: bool, debug:
         readahead_kib=int(settings.get("readahead", 1024)),  # type: ignore[call-overload]
         lowerindex=lowerindex,
         lowerindex_check=str(settings.get("lowerindex_check", "dirs")),
+        lowercache=lowercache,
         loop=str(settings.get("loop", "direct")),
         spin_us=int(settings.get("spin", 50)),  # type: ignore[call-overload]
     )

@@ -26,6 +26,7 @@ class Config:
     spin_us: int = 50  # direct loop: poll this long for the next request before sleeping
     lowerindex: str | None = None  # a `layerindex` file describing the lower branches
     lowerindex_check: str = "dirs"  # how it is checked against them at mount (see layerindex)
+    lowercache: str | None = None  # directory of `lowercache` files (None: nothing kept)
     fuse_options: tuple[str, ...] = field(default=())
 
     @property

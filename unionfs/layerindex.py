@@ -440,6 +440,13 @@ class BranchView:
     def stat(self, rel: bytes) -> os.stat_result | None:
         return self.index.stat(self.branch, rel)
 
+    def learn_listing(self, rel: bytes, st: os.stat_result, lst: Listing) -> None:
+        pass  # the index is built by `build`, not learnt
+
+    def learn_dir_info(self, rel: bytes, st: os.stat_result,
+                       info: tuple[bool, bytes | None]) -> None:
+        pass
+
 
 def load(path: str, branches: Sequence[Branch], first: int, check: str = "dirs"
          ) -> LowerIndex:

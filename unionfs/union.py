@@ -25,7 +25,7 @@ import logging
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from . import copyup, layerindex
@@ -58,6 +58,7 @@ from .core.resolve import (
 )
 from .inodes import ROOT_INO, InodeTable, Node
 from .linkindex import LinkIndex, Pending, parse_key
+from .lowercache import LayerCache
 
 WORK_SUBDIR = "work"
 
@@ -73,6 +74,19 @@ SHRINK_MIN_NODES = 4096
 SHRINK_CASCADE_NODES = 64
 # per-inode I/O keeps at most this many files open (besides removed ones still in use)
 IMPLICIT_MAX = 256
+# directories of this many lower layers or more resolve names through `_holding_layers`
+HOLDERS_MIN_LAYERS = 4
+LOWER_MAPS_MAX = 1024  # directories whose `_LowerMap` is kept (all dropped when exceeded)
+
+
+@dataclass(slots=True)
+class _LowerMap:
+    """Derived from one `Node.lowers` tuple (`Union._lower_map`)."""
+
+    lowers: tuple[tuple[int, bytes], ...]  # the tuple itself (keeps its id from being reused)
+    rels: dict[int, bytes]  # lower branch -> path there
+    # name -> the lower branches listing or hiding it, top-first (`_holding_layers`)
+    holders: dict[bytes, tuple[int, ...]] | None = None
 
 
 def _sync(fd: int, datasync: bool) -> None:
@@ -147,11 +161,19 @@ class Union:
         self.lindex = (layerindex.attach(config.lowerindex, self.branches,
                                          config.lowerindex_check)
                        if config.lowerindex else None)
+        # what the lower layers hold, learnt by earlier mounts (not with an index: it knows)
+        self.lcaches: list[LayerCache] = []
+        if config.lowercache and not config.lowerindex:
+            for b in self.branches:
+                if not b.writable:
+                    b.known = cache = LayerCache(config.lowercache, b.path, b.fd, b.dir_fd)
+                    self.lcaches.append(cache)
         self.privileged = os.geteuid() == 0
         self._fh = itertools.count(1)
         self._tmp = itertools.count(1)
         self._nlinks: dict[tuple[int, int], int] = {}
         self._resolutions: dict[Resolution, Resolution] = {}  # one shared object per value
+        self._lower_maps: dict[int, _LowerMap] = {}  # id(node.lowers) -> (`_lower_map`)
         self._peak_nodes = 0  # most inodes the kernel held since the last `shrink`
         self._shrinking = False  # a shrink happened and the kernel has not grown back since
         self.per_inode_io = False  # set by the adapter when the kernel sends no open requests
@@ -239,6 +261,8 @@ class Union:
         return root
 
     def close(self) -> None:
+        for cache in self.lcaches:
+            cache.save()
         if self.links is not None:
             try:
                 self.settle_links()  # leave the upper self-contained for any other reader
@@ -296,7 +320,11 @@ class Union:
         paths: dict[int, bytes] = {}
         redirected: list[tuple[int, BranchEntry]] | None = None
         beside = bool(parent.lowers)  # (see `Branch.entry`)
-        for branch, rel in self.layers(parent):
+        if len(parent.lowers) >= HOLDERS_MIN_LAYERS:
+            probe: Iterable[tuple[Branch, bytes]] = self._holding_layers(parent, name)
+        else:
+            probe = self.layers(parent)
+        for branch, rel in probe:
             e = branch.entry(rel, name, beside)
             entries.append((branch.index, e))
             if redirected is not None:
@@ -310,6 +338,49 @@ class Union:
                     redirected.append((b, _PLAIN_DIR))
                     paths[b] = r
         return resolve(redirected if redirected is not None else entries), entries, paths
+
+    def _holding_layers(self, parent: Node, name: bytes) -> list[tuple[Branch, bytes]]:
+        """`layers(parent)` without the lower layers whose directory neither holds NAME nor
+        hides it (`.wh.NAME`): in a deep stack a lookup then costs what the layers holding the
+        name cost, not one probe per layer. The layers' listings are read once per directory
+        (they are cached by the branches, and by the lower cache across mounts)."""
+        lm = self._lower_map(parent)
+        names = lm.holders
+        if names is None:
+            names = lm.holders = {}
+            for b, rel in lm.lowers:
+                lst = self.branches[b].listing(rel)
+                for n in lst.entries:
+                    names[n] = (*names.get(n, ()), b)
+                for n in lst.hidden:
+                    if n not in lst.entries:
+                        names[n] = (*names.get(n, ()), b)
+        out = [(self.upper, parent.path())] if parent.upper and self.upper is not None else []
+        rels = lm.rels
+        branches = self.branches
+        for b in names.get(name, ()):
+            out.append((branches[b], rels[b]))
+        return out
+
+    def _lower_map(self, parent: Node) -> _LowerMap:
+        """What is derived from PARENT's `lowers` tuple, made once per tuple (nodes of one
+        directory share theirs): in a deep stack, a loop over the layers per request would cost
+        more than the rest of the request."""
+        lowers = parent.lowers
+        lm = self._lower_maps.get(id(lowers))
+        if lm is None or lm.lowers is not lowers:
+            if len(self._lower_maps) >= LOWER_MAPS_MAX:
+                self._lower_maps.clear()
+            lm = self._lower_maps[id(lowers)] = _LowerMap(lowers, dict(lowers))
+        return lm
+
+    def _paths(self, parent: Node, name: bytes, branches: Iterable[int]) -> dict[int, bytes]:
+        """Path of NAME in each of BRANCHES (which hold PARENT) when nothing moved."""
+        rels = self._lower_map(parent).rels
+        if parent.upper:
+            up = parent.path()
+            return {b: join(up if b == 0 else rels[b], name) for b in branches}
+        return {b: join(rels[b], name) for b in branches}
 
     def _redirect_path(self, parent: Node, branch: int, redirect: bytes) -> bytes:
         value = redirect.rstrip(b"\0")
@@ -443,8 +514,7 @@ class Union:
             paths: dict[int, bytes]
             if isinstance(hit, Resolution):
                 res = hit
-                rels = {b.index: rel for b, rel in self.layers(parent)}
-                paths = {b: join(rels[b], name) for b in res.branches}
+                paths = self._paths(parent, name, res.branches)
             else:
                 res, paths = hit  # type: ignore[misc]
                 if 0 in paths and self.upper is not None:
@@ -459,8 +529,10 @@ class Union:
                 raise _err(errno.ENOENT)
             if children is None:
                 children = parent.children = {}
-            rels = {b.index: rel for b, rel in self.layers(parent)}
-            if all(b in rels and paths.get(b) == join(rels[b], name) for b in res.branches):
+            rels = self._lower_map(parent).rels
+            up = parent.path() if parent.upper else None
+            if all(paths.get(b) == join(up, name) if b == 0 and up is not None else
+                   b in rels and paths.get(b) == join(rels[b], name) for b in res.branches):
                 children[name] = self._resolutions.setdefault(res, res)
             else:
                 children[name] = (res, paths)
@@ -501,11 +573,14 @@ class Union:
             b.drop_caches()
         if self.lindex is not None:
             self.lindex.drop_caches()
+        for cache in self.lcaches:
+            cache.save()  # and forget: read again on demand
         for node in self.inodes.nodes.values():
             node.children = None
             node.merged = None
         self._nlinks.clear()
         self._redirect_maps.clear()
+        self._lower_maps.clear()
         # a dict keeps the table of its largest size when emptied: copy the survivors out
         self.inodes.compact()
         gc.collect()  # cyclic garbage of past requests (exception tracebacks) waits for gen 2

@@ -80,15 +80,15 @@ class _Probes:
         self.reads: list[tuple[str, bytes]] = []
         scan, info = Branch._scan, Branch._read_dir_info
 
-        def counted_scan(b: Branch, rel: bytes):  # type: ignore[no-untyped-def]
+        def counted_scan(b: Branch, rel: bytes, *a):  # type: ignore[no-untyped-def]
             if not b.writable:
                 self.reads.append((b.path, rel))
-            return scan(b, rel)
+            return scan(b, rel, *a)
 
-        def counted_info(b: Branch, rel: bytes):  # type: ignore[no-untyped-def]
+        def counted_info(b: Branch, rel: bytes, *a):  # type: ignore[no-untyped-def]
             if not b.writable:
                 self.reads.append((b.path, rel))
-            return info(b, rel)
+            return info(b, rel, *a)
 
         monkeypatch.setattr(Branch, "_scan", counted_scan)
         monkeypatch.setattr(Branch, "_read_dir_info", counted_info)

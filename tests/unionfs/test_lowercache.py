@@ -1,0 +1,453 @@
+"""The lower cache (`unionfs/lowercache.py`) and the holder maps of deep directories
+(`Union._holding_layers`): a mount that reads its layers' directories from what an earlier mount
+learnt must answer exactly what probing answers, without reading those directories again; a
+layer changed between the mounts is read afresh; files that are not ours, not for this layer or
+garbage are ignored; what two mounts learn is merged; the command line's `lowercache=`; and, on
+a real mount, a cold lookup in a deep stack whose layers were learnt reads no directory of the
+layers that do not hold the name (strace)."""
+
+from __future__ import annotations
+
+import json
+import marshal
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+
+from benchmarks.util import catches_signal
+from tests.differential.settings import diff_settings, stack_strategy
+from tests.helpers.layers import PATH_POOL, Stack, materialise
+from tests.helpers.mounts import Mount, mounted
+from tests.unionfs.test_layerindex import _traced_lookup, _view
+from unionfs import cli, lowercache
+from unionfs import union as union_mod
+from unionfs.branch import Branch
+from unionfs.config import Config
+from unionfs.union import Union
+
+ROOT = os.geteuid() == 0
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="unionfs-lcache-"))
+    try:
+        yield d
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False, timeout=120)
+
+
+def _union(lowers: list[Path], cache: Path | None, upper: Path | None = None,
+           work: Path | None = None) -> Union:
+    return Union(Config(lowers=tuple(map(str, lowers)), mountpoint="/nonexistent",
+                        upper=str(upper) if upper else None, work=str(work) if work else None,
+                        lowercache=str(cache) if cache else None))
+
+
+class _Reads:
+    """The lower directories a union reads itself (listings and opaque/redirect probes)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.scans: list[tuple[str, bytes]] = []
+        self.infos: list[tuple[str, bytes]] = []
+        scan, info = Branch._scan, Branch._read_dir_info
+
+        def counted_scan(b: Branch, rel: bytes, *a):  # type: ignore[no-untyped-def]
+            if not b.writable:
+                self.scans.append((b.path, rel))
+            return scan(b, rel, *a)
+
+        def counted_info(b: Branch, rel: bytes, *a):  # type: ignore[no-untyped-def]
+            if not b.writable:
+                self.infos.append((b.path, rel))
+            return info(b, rel, *a)
+
+        monkeypatch.setattr(Branch, "_scan", counted_scan)
+        monkeypatch.setattr(Branch, "_read_dir_info", counted_info)
+
+
+def _xwhiteout_dir(path: str, rel: bytes) -> bool:
+    """Whether the directory may hold xattr whiteouts (opaque=x): never cached."""
+    p = os.path.join(path, os.fsdecode(rel))
+    for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
+        try:
+            if os.getxattr(p, name) == b"x":
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _view_of(lowers: list[Path], upper: Path, work: Path, cache: Path | None,
+             paths: list[bytes]) -> dict[bytes, object]:
+    u = _union(lowers, cache, upper, work)
+    try:
+        return _view(u, paths)
+    finally:
+        u.close()
+
+
+def _compare(stack: Stack, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dirs = materialise(stack, root / "layers")
+    cache = root / "cache"
+    paths = [p.encode() for p in PATH_POOL if p] + [b"missing", b"a/missing"]
+    with monkeypatch.context() as m:
+        m.setattr(union_mod, "HOLDERS_MIN_LAYERS", 1 << 30)  # every layer probed
+        want = _view_of(dirs.lowers, dirs.upper, dirs.work, None, paths)
+    # every directory resolved through its holder map, learning, then from the cache
+    monkeypatch.setattr(union_mod, "HOLDERS_MIN_LAYERS", 1)
+    learnt = _view_of(dirs.lowers, dirs.upper, dirs.work, cache, paths)
+    files = list(cache.iterdir())
+    assert len(files) == len(dirs.lowers), files
+    with monkeypatch.context() as m:
+        reads = _Reads(m)
+        cached = _view_of(dirs.lowers, dirs.upper, dirs.work, cache, paths)
+    for p in paths:
+        assert learnt[p] == want[p], f"{p!r}: learning {learnt[p]}, probing {want[p]}"
+        assert cached[p] == want[p], f"{p!r}: from the cache {cached[p]}, probing {want[p]}"
+    assert reads.infos == [], f"opaque/redirect read again: {reads.infos}"
+    again = [r for r in reads.scans if not _xwhiteout_dir(*r)]
+    assert again == [], f"lower directories read again despite the cache: {again}"
+
+
+@pytest.mark.skipif(not ROOT, reason="trusted.* xattrs and mknod need root")
+@diff_settings(40)
+@given(stack=stack_strategy())
+def test_cached_and_holder_answers_are_what_probing_answers(stack: Stack) -> None:
+    root = Path(tempfile.mkdtemp(prefix="unionfs-lcache-"))
+    mp = pytest.MonkeyPatch()
+    try:
+        _compare(stack, root, mp)
+    finally:
+        mp.undo()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _mkstack(root: Path, n: int) -> list[Path]:
+    lowers = [root / f"l{i}" for i in range(n)]
+    for i, p in enumerate(lowers):
+        (p / "d" / "sub").mkdir(parents=True)
+        (p / "d" / f"only{i}").write_text(str(i))
+    return lowers
+
+
+PATHS = [b"d", b"d/sub", b"d/only0", b"d/only1", b"d/only2", b"d/new", b"d/sub/x", b"e",
+         b"e/f", b"d/missing"]
+
+
+def _stale_paths(cache: Path) -> dict[str, dict[bytes, tuple[int, int, int]]]:
+    out = {}
+    for f in cache.iterdir():
+        data = marshal.loads(f.read_bytes())
+        out[data[2][0]] = {rel: d[:3] for rel, d in data[3].items()}
+    return out
+
+
+@pytest.mark.parametrize("change", ["add", "whiteout", "opaque-marker", "opaque-xattr",
+                                    "replace-dir", "remove-dir", "root"])
+def test_layer_changed_between_mounts_is_read_afresh(scratch: Path, change: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    lowers = _mkstack(scratch, 3)
+    (lowers[2] / "d" / "sub" / "x").write_text("x")
+    cache = scratch / "cache"
+    _view_of_ro = lambda c: _view_ro(lowers, c)  # noqa: E731
+    before = _view_of_ro(cache)
+    assert _view_of_ro(cache) == before  # from the cache: the same
+    time.sleep(0.01)  # (a new mtime even on coarse clocks)
+    top, mid = lowers[0], lowers[1]
+    if change == "add":
+        (mid / "d" / "new").write_text("n")
+    elif change == "whiteout":
+        (top / "d" / ".wh.only2").touch()
+    elif change == "opaque-marker":
+        (mid / "d" / "sub" / ".wh..wh..opq").touch()
+    elif change == "opaque-xattr":
+        os.setxattr(mid / "d" / "sub", "user.overlay.opaque", b"y")
+    elif change == "replace-dir":
+        os.rename(top / "d", scratch / "old-d")
+        (top / "d").mkdir()
+        (top / "d" / "new").write_text("n")
+    elif change == "remove-dir":
+        shutil.rmtree(mid / "d")
+    elif change == "root":
+        (mid / "e").mkdir()
+        (mid / "e" / "f").touch()
+    fresh = _view_ro(lowers, None)
+    assert fresh != before, "the change must show (else the test proves nothing)"
+    with monkeypatch.context() as m:
+        reads = _Reads(m)
+        got = _view_of_ro(cache)
+    assert got == fresh
+    assert reads.scans or reads.infos, "a changed directory must be read again"
+    # the stale records were replaced: a third mount reads nothing and answers the same
+    with monkeypatch.context() as m:
+        reads = _Reads(m)
+        assert _view_of_ro(cache) == fresh
+    assert reads.scans == [] and reads.infos == []
+
+
+def _view_ro(lowers: list[Path], cache: Path | None) -> dict[bytes, object]:
+    u = _union(lowers, cache)
+    try:
+        return _view(u, PATHS)
+    finally:
+        u.close()
+
+
+def test_untrusted_foreign_and_garbage_files_are_ignored(scratch: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    lowers = _mkstack(scratch, 2)
+    cache = scratch / "cache"
+    want = _view_ro(lowers, None)
+    assert _view_ro(lowers, cache) == want
+    files = sorted(cache.iterdir())
+    assert len(files) == 2
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+
+    def reads_with(prepare) -> _Reads:  # type: ignore[no-untyped-def]
+        prepare()
+        with monkeypatch.context() as m:
+            r = _Reads(m)
+            assert _view_ro(lowers, cache) == want
+        return r
+
+    assert reads_with(lambda: None).scans == []  # the control: used as it is
+    # writable by others: not trusted (and rewritten by this mount)
+    assert reads_with(lambda: files[0].chmod(0o666)).scans != []
+    assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
+    assert reads_with(lambda: None).scans == []
+    # garbage, truncated, another version, another layer's file under this name
+    good = files[0].read_bytes()
+    data = marshal.loads(good)
+    for bad in (b"garbage", good[: len(good) // 2],
+                marshal.dumps((data[0], data[1] + 1, *data[2:])),
+                marshal.dumps((data[0], data[1], (data[2][0], data[2][1], data[2][2] + 1),
+                               data[3])),
+                marshal.dumps((*data[:3], {b"d": (1, 2, 3, ("bad",), None)}))):
+        r = reads_with(lambda bad=bad: files[0].write_bytes(bad))
+        assert r.scans != [], bad[:40]
+    if ROOT:  # not our file (owned by someone else)
+        os.chown(files[1], 12345, 12345)
+        assert reads_with(lambda: None).scans != []
+
+
+def test_an_unwritable_cache_directory_costs_nothing_but_the_cache(scratch: Path) -> None:
+    lowers = _mkstack(scratch, 2)
+    cache = scratch / "cache"
+    cache.write_text("not a directory")
+    assert _view_ro(lowers, cache) == _view_ro(lowers, None)
+    assert cache.read_text() == "not a directory"
+
+
+def test_what_two_mounts_learn_is_merged(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lowers = _mkstack(scratch, 3)
+    (lowers[0] / "e").mkdir()
+    cache = scratch / "cache"
+    a = _union(lowers, cache)
+    b = _union(lowers, cache)
+    try:
+        _view(a, [b"d/only0"])  # learns / and d
+        _view(b, [b"e/x"])  # learns / and e
+    finally:
+        a.close()
+        b.close()
+    learnt = _stale_paths(cache)
+    assert set(learnt[str(lowers[0])]) >= {b"", b"d", b"e"}, learnt
+    both = [b"d/only0", b"e/x"]
+    plain = _union(lowers, None)
+    try:
+        want = _view(plain, both)
+    finally:
+        plain.close()
+    with monkeypatch.context() as m:
+        reads = _Reads(m)
+        u = _union(lowers, cache)
+        try:
+            assert _view(u, both) == want
+        finally:
+            u.close()
+    assert reads.scans == [] and reads.infos == [], (reads.scans, reads.infos)
+
+
+def test_shrink_writes_what_was_learnt_and_forgets_it(scratch: Path) -> None:
+    lowers = _mkstack(scratch, 2)
+    cache = scratch / "cache"
+    u = _union(lowers, cache)
+    try:
+        first = _view(u, PATHS)
+        assert not list(cache.glob("*.layer"))
+        u.shrink()
+        assert len(list(cache.glob("*.layer"))) == 2
+        assert all(not c.dirty and c._loaded is None for c in u.lcaches)
+        assert _view(u, PATHS) == first
+        assert sum(c.hits for c in u.lcaches) > 0  # read back from the file
+    finally:
+        u.close()
+
+
+def test_no_cache_with_a_lower_index_or_when_off(scratch: Path) -> None:
+    from unionfs import layerindex
+    lowers = _mkstack(scratch, 2)
+    index = scratch / "idx"
+    layerindex.write([str(p) for p in lowers], str(index))
+    cache = scratch / "cache"
+    u = Union(Config(lowers=tuple(map(str, lowers)), mountpoint="/x", lowerindex=str(index),
+                     lowercache=str(cache)))
+    try:
+        _view(u, PATHS)
+        assert u.lcaches == []
+    finally:
+        u.close()
+    assert not cache.exists()
+
+
+def test_command_line(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lower = scratch / "l"
+    mnt = scratch / "m"
+    lower.mkdir()
+    mnt.mkdir()
+
+    def config(*opts: str) -> Config:
+        settings = cli.parse_options([",".join([f"lowerdir={lower}", *opts])])
+        return cli.check(settings, str(mnt), foreground=True, debug=False)
+
+    monkeypatch.setenv("UNIONFS_LOWER_CACHE", str(scratch / "env"))
+    assert config().lowercache == str(scratch / "env")
+    assert config("lowercache=off").lowercache is None
+    monkeypatch.chdir(scratch)
+    assert config("lowercache=rel").lowercache == str(scratch / "rel")
+    (scratch / "file").touch()
+    with pytest.raises(cli.UsageError, match="not a directory"):
+        config(f"lowercache={scratch / 'file'}")
+    with pytest.raises(cli.UsageError, match="empty"):
+        config("lowercache=")
+    monkeypatch.setenv("UNIONFS_LOWER_CACHE", "")
+    assert config().lowercache is None
+
+
+def test_default_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("UNIONFS_LOWER_CACHE", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert lowercache.default_dir() == "/var/cache/unionfs/layers"
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_CACHE_HOME", "/x/cache")
+    assert lowercache.default_dir() == "/x/cache/unionfs/layers"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", "/home/u")
+    assert lowercache.default_dir() == "/home/u/.cache/unionfs/layers"
+    monkeypatch.delenv("HOME")
+    assert lowercache.default_dir() is None
+
+
+@pytest.mark.skipif(shutil.which("strace") is None or not ROOT or not os.path.exists("/dev/fuse"),
+                    reason="needs strace, root and /dev/fuse")
+def test_cold_lookup_with_the_cache_reads_no_other_layer_directory(scratch: Path) -> None:
+    """16 layers that all hold d/: after one mount learnt them, a cold lookup of a bottom-layer
+    name (and of a missing one) reads no directory of the other layers (no getdents, no
+    xattr): at most one fstat of each layer's d/ checks the cache."""
+    n = 16
+    lowers = [scratch / "layers" / f"l{i}" for i in range(n)]
+    for i, p in enumerate(lowers):
+        (p / "d").mkdir(parents=True)
+        (p / "d" / f"only{i}").touch()
+    (lowers[-1] / "d" / "bottom").write_text("x")
+    others = [str(p) for p in lowers[:-1]]
+    cache = scratch / "cache"
+    opts = [f"lowercache={cache}"]
+
+    def reads_of_others(trace: list[str]) -> list[str]:
+        return [p for p in trace if any(p.startswith(o + "/") or p == o for o in others)]
+
+    first = _traced_lookup(scratch, lowers, "d/bottom", opts)
+    assert len({p for p in reads_of_others(first)}) >= n - 1, first  # the control
+    assert len(list(cache.glob("*.layer"))) == n
+    second = _traced_lookup_calls(scratch, lowers, "d/bottom", opts)
+    bad = [c for c in second if reads_of_others([c[1]]) and c[0] not in ("fstat", "newfstatat",
+                                                                         "openat2", "close")]
+    assert bad == [], f"calls in other layers despite the cache: {bad}"
+    assert any(c[0] in ("fstat", "newfstatat") and reads_of_others([c[1]]) for c in second), \
+        "the cache is checked with an fstat per layer directory"
+
+
+def _traced_lookup_calls(scratch: Path, lowers: list[Path], name: str, options: list[str]
+                         ) -> list[tuple[str, str]]:
+    """(system call, path) of every call on a path during one cold lookup of NAME."""
+    import re
+    _traced_lookup(scratch, lowers, name, options)
+    text = (scratch / "strace.txt").read_text(errors="replace")
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:\d+\s+)?(\w+)\((.*)", line)
+        if m:
+            for p in re.findall(r"<(/[^>]*)>", m.group(2)) + re.findall(r'"(/[^"]*)"',
+                                                                         m.group(2)):
+                out.append((m.group(1), p))
+    return out
+
+
+@pytest.mark.skipif(not ROOT or not os.path.exists("/dev/fuse"), reason="needs root and FUSE")
+def test_mounted_tree_same_from_the_cache(scratch: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    """Mounted twice over 6 layers (holder maps on), the second mount answering from the
+    cache (its stats say so): both trees are the one kernel overlayfs shows."""
+    stats = scratch / "stats.json"
+    monkeypatch.setenv("UNIONFS_STATS_FILE", str(stats))
+    lowers = _mkstack(scratch, 6)
+    (lowers[5] / "d" / "sub" / "deep").write_text("deep")
+    os.mknod(lowers[1] / "d" / "only3", 0o600 | stat.S_IFCHR, 0)  # overlayfs' whiteout
+    os.setxattr(lowers[2] / "d" / "sub", "trusted.overlay.opaque", b"y")
+    (lowers[2] / "d" / "sub" / "mid").write_text("m")
+    cache = scratch / "cache"
+    mnt = scratch / "mnt"
+    mnt.mkdir()
+
+    def tree(root: Path) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for dirpath, dirnames, filenames in os.walk(root):
+            rel = os.path.relpath(dirpath, root)
+            for d in dirnames:
+                out[os.path.join(rel, d)] = None
+            for f in filenames:
+                out[os.path.join(rel, f)] = Path(dirpath, f).read_text()
+        return out
+
+    with mounted("overlay", lowers, None, None, mnt, []):
+        want = tree(mnt)
+    assert "d/only3" not in want and "d/sub/deep" not in want and want["d/sub/mid"] == "m"
+    hits = []
+    for _ in range(2):
+        with mounted("unionfs", lowers, None, None, mnt, [f"lowercache={cache}"]) as m:
+            assert tree(mnt) == want
+            hits.append(_dump(m, stats)["lowercache_hits"])
+        assert len(list(cache.glob("*.layer"))) == 6
+    assert hits[0] == 0 and hits[1] >= 12, hits  # / and d/ of every layer, at least
+
+
+def _dump(m: Mount, path: Path) -> dict[str, Any]:
+    """The server's stats (SIGUSR1 dump, see unionfs.mount)."""
+    assert m.server is not None
+    deadline = time.monotonic() + 10
+    while not catches_signal(m.server.pid, signal.SIGUSR1):
+        assert time.monotonic() < deadline, "server never installed its SIGUSR1 handler"
+        time.sleep(0.02)
+    path.unlink(missing_ok=True)
+    os.kill(m.server.pid, signal.SIGUSR1)
+    while True:
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+            return data
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        assert time.monotonic() < deadline, "no stats dump"
+        time.sleep(0.02)

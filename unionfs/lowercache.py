@@ -1,0 +1,244 @@
+"""The lower cache: what mounts learnt about each lower layer, kept for the next mount.
+
+Lower branches are immutable while mounted, so `Branch` keeps what it read from them (each
+directory's classified listing, its opaque flag and redirect) for the rest of the mount. This
+module keeps the same knowledge across mounts, one file per layer, in a cache directory
+(`-o lowercache=DIR`, by default /var/cache/unionfs/layers for root and
+$XDG_CACHE_HOME/unionfs/layers otherwise): the next mount of any stack holding that layer reads
+a directory's listing and flags from the file instead of opening, listing and reading the
+extended attributes of the layer's directory. In a deep stack a cold lookup otherwise reads one
+directory per layer from disk.
+
+A cached directory is used only after one `fstat` of the layer's directory shows the inode
+number, mtime and ctime it had when it was learnt (adding, removing or renaming an entry changes
+the mtime; an opaque marker file too; an extended attribute the ctime). What does not match is
+dropped and learnt again, so a layer changed between mounts costs a re-read, never a wrong
+answer. The identity is taken before the directory is read, so a change racing the read makes
+the record stale rather than wrong. Not cached (always read live): directories whose files may
+carry xattr whiteouts (`opaque=x`): a file's xattr does not change its directory.
+
+Files: `<sha256 of the layer's realpath, st_dev, st_ino>.layer`, marshal of (MAGIC, VERSION,
+(realpath, st_dev, st_ino), dirs) with dirs: rel -> (st_ino, mtime_ns, ctime_ns, listing or
+None, (opaque, redirect) or None); a listing is ({name: Kind value}, hidden names, opaque
+marker). Written at unmount and whenever the server sheds its caches (`Union.shrink`), merged
+over what other mounts wrote meanwhile, through a temporary file renamed into place. A file
+that is not ours (owner, permissions), of another version, for another layer or unreadable is
+ignored. Only the owner of the cache directory reads it (created 0700): the files are trusted
+input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import marshal
+import os
+import stat
+from collections.abc import Callable
+from typing import Any
+
+from .core.readdir import Listing
+from .core.resolve import BranchEntry, Kind
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"unionfs-lowercache"
+VERSION = 1
+
+# (st_ino, mtime_ns, ctime_ns)
+Identity = tuple[int, int, int]
+_Enc = tuple[dict[bytes, int], tuple[bytes, ...], bool]
+_Dir = tuple[int, int, int, "_Enc | None", "tuple[bool, bytes | None] | None"]
+
+_KINDS = {k.value: k for k in Kind}
+_ENTRY = {k.value: BranchEntry(k) for k in Kind}
+
+
+def default_dir() -> str | None:
+    """The cache directory when `lowercache=` is not given (None: no place to keep it)."""
+    env = os.environ.get("UNIONFS_LOWER_CACHE")
+    if env is not None:
+        return env or None
+    if os.geteuid() == 0:
+        return "/var/cache/unionfs/layers"
+    base = os.environ.get("XDG_CACHE_HOME") or (
+        os.path.join(os.environ["HOME"], ".cache") if os.environ.get("HOME") else None)
+    return os.path.join(base, "unionfs", "layers") if base else None
+
+
+def identity(st: os.stat_result) -> Identity:
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _encode(lst: Listing) -> _Enc:
+    return ({n: e.kind.value for n, e in lst.entries.items()}, tuple(lst.hidden),
+            lst.opaque_marker)
+
+
+def _decode(enc: _Enc) -> Listing:
+    entries, hidden, marker = enc
+    return Listing({n: _ENTRY[k] for n, k in entries.items()}, frozenset(hidden), marker)
+
+
+def _valid_dirs(value: Any) -> bool:
+    if not isinstance(value, dict):
+        return False
+    for rel, d in value.items():
+        if not (isinstance(rel, bytes) and isinstance(d, tuple) and len(d) == 5
+                and all(isinstance(x, int) for x in d[:3])):
+            return False
+        lst, info = d[3], d[4]
+        if lst is not None and not (
+                isinstance(lst, tuple) and len(lst) == 3 and isinstance(lst[0], dict)
+                and all(isinstance(n, bytes) and v in _KINDS for n, v in lst[0].items())
+                and isinstance(lst[1], tuple) and all(isinstance(n, bytes) for n in lst[1])
+                and isinstance(lst[2], bool)):
+            return False
+        if info is not None and not (
+                isinstance(info, tuple) and len(info) == 2 and isinstance(info[0], bool)
+                and (info[1] is None or isinstance(info[1], bytes))):
+            return False
+    return True
+
+
+class LayerCache:
+    """One lower layer's cached directories, for `Branch.known`: what it answers was checked
+    against the layer in this mount; what the branch reads is handed back (`learn_*`)."""
+
+    def __init__(self, cache_dir: str, layer_path: str, root_fd: int,
+                 dir_fd: Callable[[bytes], int]) -> None:
+        st = os.fstat(root_fd)
+        self._dir_fd = dir_fd  # the branch's O_PATH fd of a directory (`Branch.dir_fd`)
+        self.key = (os.path.realpath(layer_path), st.st_dev, st.st_ino)
+        digest = hashlib.sha256(repr(self.key).encode()).hexdigest()[:40]
+        self.cache_dir = cache_dir
+        self.path = os.path.join(cache_dir, f"{digest}.layer")
+        self._loaded: dict[bytes, _Dir] | None = None  # the file, read on first use
+        self._checked: set[bytes] = set()  # loaded records found current in this mount
+        self._learnt: dict[bytes, _Dir] = {}  # new this mount (to be written)
+        self._stale: dict[bytes, Identity] = {}  # loaded records found stale (to be removed)
+        self.hits = 0  # directories answered from the file (tests and stats)
+
+    # --- reading (LayerKnowledge) ---------------------------------------------------------
+    def _record(self, rel: bytes) -> _Dir | None:
+        """The loaded record of directory REL if it is current (checked once per mount)."""
+        if self._loaded is None:
+            self._loaded = _read(self.path, self.key) or {}
+        d = self._loaded.get(rel)
+        if d is None or rel in self._checked:
+            return d
+        try:
+            st: os.stat_result | None = os.fstat(self._dir_fd(rel))
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISDIR(st.st_mode) or identity(st) != d[:3]:
+            del self._loaded[rel]
+            self._stale[rel] = (d[0], d[1], d[2])
+            return None
+        self._checked.add(rel)
+        return d
+
+    def listing(self, rel: bytes) -> Listing | None:
+        d = self._record(rel)
+        if d is None or d[3] is None:
+            return None
+        self.hits += 1
+        return _decode(d[3])
+
+    def dir_info(self, rel: bytes) -> tuple[bool, bytes | None] | None:
+        d = self._record(rel)
+        if d is None or d[4] is None:
+            return None
+        self.hits += 1
+        return d[4]
+
+    def stat(self, rel: bytes) -> os.stat_result | None:
+        return None  # attributes are always read live
+
+    # --- learning --------------------------------------------------------------------------
+    def learn_listing(self, rel: bytes, st: os.stat_result, lst: Listing) -> None:
+        self._learn(rel, st, _encode(lst), None)
+
+    def learn_dir_info(self, rel: bytes, st: os.stat_result,
+                       info: tuple[bool, bytes | None]) -> None:
+        self._learn(rel, st, None, info)
+
+    def _learn(self, rel: bytes, st: os.stat_result, lst: _Enc | None,
+               info: tuple[bool, bytes | None] | None) -> None:
+        ident = identity(st)
+        old = self._learnt.get(rel)
+        if old is None and self._loaded is not None:
+            old = self._loaded.get(rel)
+        if old is not None and old[:3] == ident:
+            lst = lst if lst is not None else old[3]
+            info = info if info is not None else old[4]
+        self._learnt[rel] = (*ident, lst, info)
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._learnt or self._stale)
+
+    # --- writing ---------------------------------------------------------------------------
+    def save(self) -> None:
+        """Write what this mount learnt over the file as it is now, then forget it (the file
+        is read again on demand)."""
+        if not self.dirty:
+            self._drop()
+            return
+        try:
+            os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
+            dirs = _read(self.path, self.key) or {}
+            for rel, ident in self._stale.items():
+                d = dirs.get(rel)
+                if d is not None and d[:3] == ident:
+                    del dirs[rel]
+            dirs.update(self._learnt)
+            data = marshal.dumps((MAGIC, VERSION, self.key, dirs))
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, self.path)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+        except OSError as e:
+            log.debug("lower cache %s not written: %s", self.path, e)
+        self._drop()
+
+    def _drop(self) -> None:
+        self._loaded = None
+        self._checked = set()
+        self._learnt = {}
+        self._stale = {}
+
+
+def _read(path: str, key: tuple[str, int, int]) -> dict[bytes, _Dir] | None:
+    """The records of the file at PATH, or None if there is none we can trust and use."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISREG(st.st_mode):
+            log.debug("lower cache %s ignored: not ours", path)
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = marshal.loads(f.read())
+    except (OSError, EOFError, ValueError, TypeError):
+        log.debug("lower cache %s ignored: unreadable", path)
+        return None
+    finally:
+        os.close(fd)
+    if not (isinstance(data, tuple) and len(data) == 4 and data[0] == MAGIC
+            and data[1] == VERSION and data[2] == key and _valid_dirs(data[3])):
+        log.debug("lower cache %s ignored: not for this layer or version", path)
+        return None
+    dirs: dict[bytes, _Dir] = data[3]
+    return dirs
