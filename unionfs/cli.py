@@ -66,7 +66,7 @@ mount options (-o, comma separated, may repeat):
                        read, are kept for the next mount (one file per layer; default
                        /var/cache/unionfs/layers as root, else $XDG_CACHE_HOME/unionfs/layers;
                        $UNIONFS_LOWER_CACHE overrides; off keeps nothing). A cached directory
-                       is used after one fstat shows it unchanged, so a cold lookup in a deep
+                       is used after one lstat shows it unchanged, so a cold lookup in a deep
                        stack reads no directory of the layers that do not hold the name.
                        Not used with lowerindex=
   allow_other          let other users in (default when run as root)

@@ -9,7 +9,7 @@ a directory's listing and flags from the file instead of opening, listing and re
 extended attributes of the layer's directory. In a deep stack a cold lookup otherwise reads one
 directory per layer from disk.
 
-A cached directory is used only after one `fstat` of the layer's directory shows the inode
+A cached directory is used only after one lstat of the layer's directory shows the inode
 number, mtime and ctime it had when it was learnt (adding, removing or renaming an entry changes
 the mtime; an opaque marker file too; an extended attribute the ctime). What does not match is
 dropped and learnt again, so a layer changed between mounts costs a re-read, never a wrong
@@ -106,9 +106,11 @@ class LayerCache:
     against the layer in this mount; what the branch reads is handed back (`learn_*`)."""
 
     def __init__(self, cache_dir: str, layer_path: str, root_fd: int,
-                 dir_fd: Callable[[bytes], int]) -> None:
+                 lstat: Callable[[bytes], os.stat_result]) -> None:
         st = os.fstat(root_fd)
-        self._dir_fd = dir_fd  # the branch's O_PATH fd of a directory (`Branch.dir_fd`)
+        # the layer's own lstat of a path (`Branch.lstat`: by name from the parent's fd, never
+        # through a symlink, never cached)
+        self._lstat = lstat
         self.key = (os.path.realpath(layer_path), st.st_dev, st.st_ino)
         digest = hashlib.sha256(repr(self.key).encode()).hexdigest()[:40]
         self.cache_dir = cache_dir
@@ -128,7 +130,7 @@ class LayerCache:
         if d is None or rel in self._checked:
             return d
         try:
-            st: os.stat_result | None = os.fstat(self._dir_fd(rel))
+            st: os.stat_result | None = self._lstat(rel)
         except OSError:
             st = None
         if st is None or not stat.S_ISDIR(st.st_mode) or identity(st) != d[:3]:

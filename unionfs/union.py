@@ -166,7 +166,7 @@ class Union:
         if config.lowercache and not config.lowerindex:
             for b in self.branches:
                 if not b.writable:
-                    b.known = cache = LayerCache(config.lowercache, b.path, b.fd, b.dir_fd)
+                    b.known = cache = LayerCache(config.lowercache, b.path, b.fd, b.lstat)
                     self.lcaches.append(cache)
         self.privileged = os.geteuid() == 0
         self._fh = itertools.count(1)

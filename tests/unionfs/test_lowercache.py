@@ -355,7 +355,7 @@ def test_default_directory(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cold_lookup_with_the_cache_reads_no_other_layer_directory(scratch: Path) -> None:
     """16 layers that all hold d/: after one mount learnt them, a cold lookup of a bottom-layer
     name (and of a missing one) reads no directory of the other layers (no getdents, no
-    xattr): at most one fstat of each layer's d/ checks the cache."""
+    xattr): at most one lstat of each layer's d/ checks the cache."""
     n = 16
     lowers = [scratch / "layers" / f"l{i}" for i in range(n)]
     for i, p in enumerate(lowers):
@@ -377,7 +377,7 @@ def test_cold_lookup_with_the_cache_reads_no_other_layer_directory(scratch: Path
                                                                          "openat2", "close")]
     assert bad == [], f"calls in other layers despite the cache: {bad}"
     assert any(c[0] in ("fstat", "newfstatat") and reads_of_others([c[1]]) for c in second), \
-        "the cache is checked with an fstat per layer directory"
+        "the cache is checked with an lstat per layer directory"
 
 
 def _traced_lookup_calls(scratch: Path, lowers: list[Path], name: str, options: list[str]
