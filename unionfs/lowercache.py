@@ -24,7 +24,8 @@ marker). Written at unmount and whenever the server sheds its caches (`Union.shr
 over what other mounts wrote meanwhile, through a temporary file renamed into place. A file
 that is not ours (owner, permissions), of another version, for another layer or unreadable is
 ignored. Only the owner of the cache directory reads it (created 0700): the files are trusted
-input.
+input. A mount that reads a file marks it used (its mtime, at most once a day); files no mount
+used for 30 days (layers deleted since, most likely) are removed at unmount (`prune`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import logging
 import marshal
 import os
 import stat
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"unionfs-lowercache"
 VERSION = 1
+UNUSED_DAYS = 30  # a layer's file no mount read for this long is removed (`prune`)
+TOUCH_AFTER = 86400  # a file read by a mount gets a new mtime when its own is older than this
 
 # (st_ino, mtime_ns, ctime_ns)
 Identity = tuple[int, int, int]
@@ -125,7 +129,7 @@ class LayerCache:
     def _record(self, rel: bytes) -> _Dir | None:
         """The loaded record of directory REL if it is current (checked once per mount)."""
         if self._loaded is None:
-            self._loaded = _read(self.path, self.key) or {}
+            self._loaded = _read(self.path, self.key, touch=True) or {}
         d = self._loaded.get(rel)
         if d is None or rel in self._checked:
             return d
@@ -181,12 +185,12 @@ class LayerCache:
         return bool(self._learnt or self._stale)
 
     # --- writing ---------------------------------------------------------------------------
-    def save(self) -> None:
+    def save(self) -> bool:
         """Write what this mount learnt over the file as it is now, then forget it (the file
-        is read again on demand)."""
+        is read again on demand). Whether there was anything to write."""
         if not self.dirty:
             self._drop()
-            return
+            return False
         try:
             os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
             dirs = _read(self.path, self.key) or {}
@@ -212,6 +216,7 @@ class LayerCache:
         except OSError as e:
             log.debug("lower cache %s not written: %s", self.path, e)
         self._drop()
+        return True
 
     def _drop(self) -> None:
         self._loaded = None
@@ -220,8 +225,10 @@ class LayerCache:
         self._stale = {}
 
 
-def _read(path: str, key: tuple[str, int, int]) -> dict[bytes, _Dir] | None:
-    """The records of the file at PATH, or None if there is none we can trust and use."""
+def _read(path: str, key: tuple[str, int, int], touch: bool = False
+          ) -> dict[bytes, _Dir] | None:
+    """The records of the file at PATH, or None if there is none we can trust and use.
+    TOUCH: a mount uses it, its mtime says so (at most daily; see `prune`)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -231,6 +238,8 @@ def _read(path: str, key: tuple[str, int, int]) -> dict[bytes, _Dir] | None:
         if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISREG(st.st_mode):
             log.debug("lower cache %s ignored: not ours", path)
             return None
+        if touch and st.st_mtime < time.time() - TOUCH_AFTER:
+            os.utime(fd)
         with os.fdopen(os.dup(fd), "rb") as f:
             data = marshal.loads(f.read())
     except (OSError, EOFError, ValueError, TypeError):
@@ -244,3 +253,29 @@ def _read(path: str, key: tuple[str, int, int]) -> dict[bytes, _Dir] | None:
         return None
     dirs: dict[bytes, _Dir] = data[3]
     return dirs
+
+
+def prune(cache_dir: str, now: float | None = None) -> int:
+    """Remove the files of layers no mount used for `UNUSED_DAYS` (a layer deleted since, most
+    likely) and temporary files a killed writer left; the number removed."""
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        with os.scandir(cache_dir) as it:
+            for e in it:
+                if e.name.endswith(".layer"):
+                    limit = now - UNUSED_DAYS * 86400
+                elif e.name.endswith(".tmp"):
+                    limit = now - 3600
+                else:
+                    continue
+                try:
+                    if e.is_file(follow_symlinks=False) and e.stat(
+                            follow_symlinks=False).st_mtime < limit:
+                        os.unlink(e.path)
+                        removed += 1
+                except OSError:
+                    pass
+    except OSError:
+        pass
+    return removed

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from . import copyup, layerindex
+from . import copyup, layerindex, lowercache
 from . import sys_linux as sl
 from .branch import LOWER_DIRFD_MIN, LOWER_DIRFDS, O_DIR_PATH, Branch, join, split
 from .config import Config
@@ -261,8 +261,9 @@ class Union:
         return root
 
     def close(self) -> None:
-        for cache in self.lcaches:
-            cache.save()
+        wrote = [cache.save() for cache in self.lcaches]
+        if any(wrote) and self.config.lowercache:
+            lowercache.prune(self.config.lowercache)
         if self.links is not None:
             try:
                 self.settle_links()  # leave the upper self-contained for any other reader

@@ -451,3 +451,31 @@ def _dump(m: Mount, path: Path) -> dict[str, Any]:
             pass
         assert time.monotonic() < deadline, "no stats dump"
         time.sleep(0.02)
+
+
+def test_files_of_layers_unused_for_a_month_are_pruned(scratch: Path) -> None:
+    lowers = _mkstack(scratch, 2)
+    cache = scratch / "cache"
+    _view_ro(lowers, cache)
+    used, other = sorted(cache.glob("*.layer"))
+    month = lowercache.UNUSED_DAYS * 86400
+    old = time.time() - month - 3600
+    gone = cache / ("0" * 40 + ".layer")  # a layer deleted long ago
+    gone.write_bytes(b"x")
+    tmp = cache / ("1" * 40 + ".layer.123.tmp")  # left by a killed writer
+    tmp.write_bytes(b"x")
+    fresh_tmp = cache / ("2" * 40 + ".layer.124.tmp")  # another mount writing now
+    fresh_tmp.write_bytes(b"x")
+    for f in (used, other, gone, tmp):
+        os.utime(f, (old, old))
+    # a mount that reads the layers' files marks them used (and writes nothing new) ...
+    _view_ro(lowers, cache)
+    assert used.stat().st_mtime > old + 3600 and other.stat().st_mtime > old + 3600
+    assert gone.exists() and tmp.exists()  # (pruned only by a mount that wrote)
+    # ... and one that learns something prunes what nobody used
+    (lowers[0] / "new").mkdir()
+    _view_ro(lowers, cache)
+    assert sorted(cache.iterdir()) == sorted([used, other, fresh_tmp])
+    # a month and more later, all of it goes
+    assert lowercache.prune(str(cache), now=time.time() + month + 86400 * 2) == 3
+    assert list(cache.iterdir()) == []
