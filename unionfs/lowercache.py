@@ -53,6 +53,9 @@ TOUCH_AFTER = 86400  # a file read by a mount gets a new mtime when its own is o
 Identity = tuple[int, int, int]
 _Enc = tuple[dict[bytes, int], tuple[bytes, ...], bool]
 _Dir = tuple[int, int, int, "_Enc | None", "tuple[bool, bytes | None] | None"]
+# learnt in this mount: the listing kept as the branch's own object (shared with its cache, no
+# copy) until it is written
+_Learnt = tuple[int, int, int, "Listing | _Enc | None", "tuple[bool, bytes | None] | None"]
 
 _KINDS = {k.value: k for k in Kind}
 _ENTRY = {k.value: BranchEntry(k) for k in Kind}
@@ -121,7 +124,7 @@ class LayerCache:
         self.path = os.path.join(cache_dir, f"{digest}.layer")
         self._loaded: dict[bytes, _Dir] | None = None  # the file, read on first use
         self._checked: set[bytes] = set()  # loaded records found current in this mount
-        self._learnt: dict[bytes, _Dir] = {}  # new this mount (to be written)
+        self._learnt: dict[bytes, _Learnt] = {}  # new this mount (to be written)
         self._stale: dict[bytes, Identity] = {}  # loaded records found stale (to be removed)
         self.hits = 0  # directories answered from the file (tests and stats)
 
@@ -163,16 +166,16 @@ class LayerCache:
 
     # --- learning --------------------------------------------------------------------------
     def learn_listing(self, rel: bytes, st: os.stat_result, lst: Listing) -> None:
-        self._learn(rel, st, _encode(lst), None)
+        self._learn(rel, st, lst, None)
 
     def learn_dir_info(self, rel: bytes, st: os.stat_result,
                        info: tuple[bool, bytes | None]) -> None:
         self._learn(rel, st, None, info)
 
-    def _learn(self, rel: bytes, st: os.stat_result, lst: _Enc | None,
+    def _learn(self, rel: bytes, st: os.stat_result, lst: Listing | _Enc | None,
                info: tuple[bool, bytes | None] | None) -> None:
         ident = identity(st)
-        old = self._learnt.get(rel)
+        old: _Learnt | None = self._learnt.get(rel)
         if old is None and self._loaded is not None:
             old = self._loaded.get(rel)
         if old is not None and old[:3] == ident:
@@ -198,7 +201,9 @@ class LayerCache:
                 d = dirs.get(rel)
                 if d is not None and d[:3] == ident:
                     del dirs[rel]
-            dirs.update(self._learnt)
+            for rel, (ino, mtime, ctime, lst, info) in self._learnt.items():
+                enc = _encode(lst) if isinstance(lst, Listing) else lst
+                dirs[rel] = (ino, mtime, ctime, enc, info)
             data = marshal.dumps((MAGIC, VERSION, self.key, dirs))
             tmp = f"{self.path}.{os.getpid()}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
