@@ -61,16 +61,26 @@ _KINDS = {k.value: k for k in Kind}
 _ENTRY = {k.value: BranchEntry(k) for k in Kind}
 
 
-def default_dir() -> str | None:
-    """The cache directory when `lowercache=` is not given (None: no place to keep it)."""
+def default_dir(uid_map: str = "/proc/self/uid_map") -> str | None:
+    """The cache directory when `lowercache=` is not given (None: no place to keep it): the
+    system's for the real root, the user's otherwise (root of a user namespace included, as
+    under rootless podman: its HOME is the user's)."""
     env = os.environ.get("UNIONFS_LOWER_CACHE")
     if env is not None:
         return env or None
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and _initial_user_namespace(uid_map):
         return "/var/cache/unionfs/layers"
     base = os.environ.get("XDG_CACHE_HOME") or (
         os.path.join(os.environ["HOME"], ".cache") if os.environ.get("HOME") else None)
     return os.path.join(base, "unionfs", "layers") if base else None
+
+
+def _initial_user_namespace(uid_map: str) -> bool:
+    try:
+        with open(uid_map) as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True  # no user namespaces at all
 
 
 def identity(st: os.stat_result) -> Identity:

@@ -15,6 +15,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -336,10 +337,19 @@ def test_command_line(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert config().lowercache is None
 
 
-def test_default_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_directory(monkeypatch: pytest.MonkeyPatch, scratch: Path) -> None:
     monkeypatch.delenv("UNIONFS_LOWER_CACHE", raising=False)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    assert lowercache.default_dir() == "/var/cache/unionfs/layers"
+    assert lowercache.default_dir() == "/var/cache/unionfs/layers"  # (this machine's root)
+    full, userns = scratch / "full", scratch / "userns"
+    full.write_text("         0          0 4294967295\n")
+    userns.write_text("         0       1000          1\n         1     100000      65536\n")
+    assert lowercache.default_dir(str(full)) == "/var/cache/unionfs/layers"
+    assert lowercache.default_dir(str(scratch / "absent")) == "/var/cache/unionfs/layers"
+    # root of a user namespace (rootless podman runs its mount program so): the user's cache
+    monkeypatch.setenv("HOME", "/home/u")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert lowercache.default_dir(str(userns)) == "/home/u/.cache/unionfs/layers"
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("XDG_CACHE_HOME", "/x/cache")
     assert lowercache.default_dir() == "/x/cache/unionfs/layers"
@@ -479,3 +489,30 @@ def test_files_of_layers_unused_for_a_month_are_pruned(scratch: Path) -> None:
     # a month and more later, all of it goes
     assert lowercache.prune(str(cache), now=time.time() + month + 86400 * 2) == 3
     assert list(cache.iterdir()) == []
+
+
+@pytest.mark.skipif(not ROOT or not os.path.exists("/dev/fuse") or shutil.which("unshare") is None,
+                    reason="needs root (to make the user namespace here), unshare and FUSE")
+def test_root_of_a_user_namespace_keeps_the_cache_in_its_home(scratch: Path) -> None:
+    """As rootless podman runs its mount program: uid 0 of a user namespace (mapped to one
+    outside uid), HOME the user's. The cache goes to $HOME/.cache/unionfs/layers."""
+    lowers = _mkstack(scratch, 2)
+    home, mnt = scratch / "home", scratch / "mnt"
+    home.mkdir()
+    mnt.mkdir()
+    lowerdir = ":".join(map(str, lowers))
+    script = (f'unionfs_cmd="$1"; "$unionfs_cmd" -m unionfs -f -o lowerdir={lowerdir} {mnt} & '
+              'pid=$!; trap "kill $pid 2>/dev/null" EXIT; i=0; '
+              f'while ! mountpoint -q {mnt}; do sleep 0.05; i=$((i+1)); '
+              '[ $i -gt 400 ] && exit 3; done; '
+              f'cat {mnt}/d/only1 && umount {mnt} && wait $pid')
+    env = {k: v for k, v in os.environ.items() if k not in ("UNIONFS_LOWER_CACHE",
+                                                             "XDG_CACHE_HOME")}
+    env["HOME"] = str(home)
+    r = subprocess.run(["unshare", "-U", "-r", "-m", "--propagation", "private", "sh", "-c",
+                        script, "sh", sys.executable], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "1"
+    files = list((home / ".cache" / "unionfs" / "layers").glob("*.layer"))
+    assert len(files) == 2, files
