@@ -390,6 +390,19 @@ class UnionfsNocache(Unionfs):
         return argv
 
 
+class UnionfsAutoindex(Unionfs):
+    """unionfs with `-o lowerindex=auto,lowerindex_check=roots`, as podman would pass them from
+    storage.conf's `mountopt`: the first mount of a stack runs without an index and builds one
+    after its unmount (into this run's lower cache), the later rounds use it. Not in "all"."""
+
+    name = "unionfs-autoindex"
+
+    def argv(self, stack: Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
+        argv = super().argv(stack, upper, work, mnt)
+        argv[argv.index("-o") + 1] += ",lowerindex=auto,lowerindex_check=roots"
+        return argv
+
+
 class UnionfsIndex(Unionfs):
     """unionfs with `-o lowerindex=FILE`: the index of the lower layers is built before the
     mount, outside any timed region (as mountctl builds it once per image), with
@@ -418,7 +431,7 @@ class UnionfsIndex(Unionfs):
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Native(), Overlay(), FuseOverlayfs(), UnionfsFuse(), Unionfs(), UnionfsNoopen(),
-    UnionfsNospin(), UnionfsNocache(), UnionfsIndex())}
+    UnionfsNospin(), UnionfsNocache(), UnionfsAutoindex(), UnionfsIndex())}
 
 
 def probe_unionfs_fuse(chosen: list[Backend], skipped: dict[str, str]) -> str | None:

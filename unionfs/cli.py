@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .config import Config
+from .layerindex import AUTO as AUTO_INDEX
 from .linkindex import LINKS_SUBDIR
 from .lowercache import default_dir as default_cache_dir
 from .mount import GENERIC_FUSE_OPTIONS
@@ -52,6 +53,10 @@ mount options (-o, comma separated, may repeat):
   lowerindex=FILE      an index of the lower branches (`unionfs index build`): lookups read
                        the lower layers from it instead of probing each one; the mount fails
                        if the index was built for other layers or a layer changed since
+  lowerindex=auto      the same, the index kept in the lowercache= directory: a mount that
+                       finds none for these layers (or a stale one) runs without and builds
+                       it after the unmount, for the next mount (with lowerindex_check=roots,
+                       for layers immutable by construction, lookups then touch no layer)
   lowerindex_check=dirs|files|roots
                        how the index is checked at mount, and what it then answers:
                        dirs (default): every indexed directory's inode, mtime and ctime; the
@@ -284,12 +289,6 @@ def check(settings: dict[str, object], mountpoint: str, foreground: bool, debug:
     timeout = settings.get("timeout", 86400.0)
     assert isinstance(fsname, str) and isinstance(timeout, float)
     writeback = settings.get("writeback", True)
-    lowerindex = settings.get("lowerindex")
-    if lowerindex is not None:
-        assert isinstance(lowerindex, str)
-        if not os.path.isfile(lowerindex):
-            raise UsageError(f"lowerindex {lowerindex!r} is not a file")
-        lowerindex = os.path.realpath(lowerindex)
     lowercache = settings.get("lowercache", default_cache_dir())
     assert lowercache is None or isinstance(lowercache, str)
     if lowercache == "off":
@@ -298,6 +297,16 @@ def check(settings: dict[str, object], mountpoint: str, foreground: bool, debug:
         lowercache = os.path.abspath(lowercache)
         if os.path.exists(lowercache) and not os.path.isdir(lowercache):
             raise UsageError(f"lowercache {lowercache!r} is not a directory")
+    lowerindex = settings.get("lowerindex")
+    if lowerindex == AUTO_INDEX:
+        if lowercache is None:
+            raise UsageError("lowerindex=auto keeps the index in the lower cache directory: "
+                             "give one (lowercache=DIR)")
+    elif lowerindex is not None:
+        assert isinstance(lowerindex, str)
+        if not os.path.isfile(lowerindex):
+            raise UsageError(f"lowerindex {lowerindex!r} is not a file")
+        lowerindex = os.path.realpath(lowerindex)
     return Config(
         lowers=tuple(lowers), mountpoint=mnt, upper=upper, work=work,
         foreground=foreground or debug, debug=debug, fsname=fsname,

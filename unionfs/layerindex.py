@@ -67,6 +67,8 @@ from .branch import Branch, join, split
 from .core.readdir import Listing
 from .core.resolve import BranchEntry, Kind, Resolution, resolve
 
+AUTO = "auto"
+"""`lowerindex=auto`: the index kept in the lower cache directory (see `lowercache`)."""
 MAGIC = b"unionfs-lowerindex"
 VERSION = 2
 CHECKS = ("dirs", "files", "roots")
@@ -156,12 +158,15 @@ def build(lowers: Sequence[str]) -> bytes:
             b.close()
 
 
-def write(lowers: Sequence[str], dest: str) -> None:
-    """Build the index of LOWERS into DEST (atomically: a temporary file renamed into place)."""
+def write(lowers: Sequence[str], dest: str, mode: int = 0o644) -> None:
+    """Build the index of LOWERS into DEST (atomically: a temporary file renamed into place),
+    at most MODE (whatever the umask: a FUSE server runs with none)."""
     data = build(lowers)
     tmp = f"{dest}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

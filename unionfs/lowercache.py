@@ -26,6 +26,11 @@ that is not ours (owner, permissions), of another version, for another layer or 
 ignored. Only the owner of the cache directory reads it (created 0700): the files are trusted
 input. A mount that reads a file marks it used (its mtime, at most once a day); files no mount
 used for 30 days (layers deleted since, most likely) are removed at unmount (`prune`).
+
+`lowerindex=auto` keeps a whole stack's lower index (`layerindex`) in the same directory,
+`<sha256 of every layer's realpath, st_dev, st_ino>.index`: a mount that finds none (or a stale
+one) works with the lower cache and builds the index at unmount, once the kernel let go; the
+next mount uses it, checked as `lowerindex_check=` says.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import marshal
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .core.readdir import Listing
@@ -270,6 +275,38 @@ def _read(path: str, key: tuple[str, int, int], touch: bool = False
     return dirs
 
 
+# --- lowerindex=auto ---------------------------------------------------------------------------
+
+def index_path(cache_dir: str, lowers: Sequence[tuple[str, int]]) -> str:
+    """Where `lowerindex=auto` keeps the index of the stack LOWERS ((path, root fd) top-first):
+    named after every layer's realpath, st_dev and st_ino, in order."""
+    key = []
+    for path, fd in lowers:
+        st = os.fstat(fd)
+        key.append((os.path.realpath(path), st.st_dev, st.st_ino))
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:40]
+    return os.path.join(cache_dir, f"{digest}.index")
+
+
+def trusted_file(path: str) -> bool:
+    """Whether the file at PATH exists, is ours and writable by nobody else (then marked used,
+    at most daily, see `prune`)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISREG(st.st_mode):
+            log.debug("%s ignored: not ours", path)
+            return False
+        if st.st_mtime < time.time() - TOUCH_AFTER:
+            os.utime(fd)
+        return True
+    finally:
+        os.close(fd)
+
+
 def prune(cache_dir: str, now: float | None = None) -> int:
     """Remove the files of layers no mount used for `UNUSED_DAYS` (a layer deleted since, most
     likely) and temporary files a killed writer left; the number removed."""
@@ -278,7 +315,7 @@ def prune(cache_dir: str, now: float | None = None) -> int:
     try:
         with os.scandir(cache_dir) as it:
             for e in it:
-                if e.name.endswith(".layer"):
+                if e.name.endswith((".layer", ".index")):
                     limit = now - UNUSED_DAYS * 86400
                 elif e.name.endswith(".tmp"):
                     limit = now - 3600

@@ -175,7 +175,8 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         request loop in use, and its spin: microseconds polled for the next request before
         sleeping, how many waits found one that way (hits), how many went to sleep after it
         (misses) and how many slept at once, the recent requests having come too late (skips);
-        and how many lower directories the lower cache answered (`lowercache_hits`)."""
+        and how many lower directories the lower cache answered (`lowercache_hits`), and
+        whether a lower index is in use."""
         ru = resource.getrusage(resource.RUSAGE_SELF)
         hits, misses, skips = pyfuse3.spin_stats() if self.spin_us else (0, 0, 0)
         return {"requests": dict(self.requests), "sync_requests": self.sync_requests,
@@ -184,7 +185,8 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
                 "nodes": len(self.union.inodes.nodes), "loop": self.loop,
                 "spin_us": self.spin_us, "spin_hits": hits, "spin_misses": misses,
                 "spin_skips": skips,
-                "lowercache_hits": sum(c.hits for c in self.union.lcaches)}
+                "lowercache_hits": sum(c.hits for c in self.union.lcaches),
+                "lowerindex": self.union.lindex is not None}
 
     # --- translation helpers ---------------------------------------------------------
     def _attr(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:

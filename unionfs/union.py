@@ -158,12 +158,26 @@ class Union:
         for b in self.branches:
             if not b.writable:
                 b.dirfd_max = max(LOWER_DIRFD_MIN, LOWER_DIRFDS // len(config.lowers))
-        self.lindex = (layerindex.attach(config.lowerindex, self.branches,
-                                         config.lowerindex_check)
-                       if config.lowerindex else None)
+        self.lindex: layerindex.LowerIndex | None = None
+        self.build_index: str | None = None  # lowerindex=auto: built there at unmount
+        index = config.lowerindex
+        if index == layerindex.AUTO:
+            assert config.lowercache, "lowerindex=auto keeps the index in the lower cache"
+            index = lowercache.index_path(
+                config.lowercache, [(b.path, b.fd) for b in self.branches if not b.writable])
+            if not lowercache.trusted_file(index):
+                self.build_index, index = index, None
+        if index:
+            try:
+                self.lindex = layerindex.attach(index, self.branches, config.lowerindex_check)
+            except layerindex.LowerIndexError as e:
+                if config.lowerindex != layerindex.AUTO:
+                    raise
+                log.info("%s: rebuilt at unmount", e)
+                self.build_index = index
         # what the lower layers hold, learnt by earlier mounts (not with an index: it knows)
         self.lcaches: list[LayerCache] = []
-        if config.lowercache and not config.lowerindex:
+        if config.lowercache and self.lindex is None:
             for b in self.branches:
                 if not b.writable:
                     b.known = cache = LayerCache(config.lowercache, b.path, b.fd, b.lstat)
@@ -262,6 +276,9 @@ class Union:
 
     def close(self) -> None:
         wrote = [cache.save() for cache in self.lcaches]
+        if self.build_index is not None:
+            self._build_auto_index(self.build_index)
+            wrote.append(True)
         if any(wrote) and self.config.lowercache:
             lowercache.prune(self.config.lowercache)
         if self.links is not None:
@@ -281,6 +298,15 @@ class Union:
         if self.work_fd >= 0:
             os.close(self.work_fd)
             self.work_fd = -1
+
+    def _build_auto_index(self, path: str) -> None:
+        """`lowerindex=auto`: index the lower layers for the next mount (the kernel has let go
+        of this one; nothing waits for it but the server's exit)."""
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            layerindex.write([b.path for b in self.branches if not b.writable], path, 0o600)
+        except (OSError, layerindex.LowerIndexError) as e:
+            log.warning("lower index for lowerindex=auto not built: %s", e)
 
     # --- locating ------------------------------------------------------------------------
     def node(self, ino: int) -> Node:

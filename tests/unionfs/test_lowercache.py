@@ -516,3 +516,97 @@ def test_root_of_a_user_namespace_keeps_the_cache_in_its_home(scratch: Path) -> 
     assert r.stdout == "1"
     files = list((home / ".cache" / "unionfs" / "layers").glob("*.layer"))
     assert len(files) == 2, files
+
+
+# --- lowerindex=auto ---------------------------------------------------------------------------
+
+def _auto(lowers: list[Path], cache: Path, check: str = "dirs") -> Union:
+    return Union(Config(lowers=tuple(map(str, lowers)), mountpoint="/x", lowerindex="auto",
+                        lowerindex_check=check, lowercache=str(cache)))
+
+
+def test_auto_index_is_built_after_the_first_mount_and_used_by_the_next(
+        scratch: Path) -> None:
+    lowers = _mkstack(scratch, 3)
+    (lowers[2] / "d" / "sub" / "x").write_text("x")
+    cache = scratch / "cache"
+    want = _view_ro(lowers, None)
+
+    def mount_and_view(check: str = "dirs") -> tuple[bool, bool, dict[bytes, object]]:
+        u = _auto(lowers, cache, check)
+        try:
+            return u.lindex is not None, bool(u.lcaches), _view(u, PATHS)
+        finally:
+            u.close()
+
+    assert mount_and_view() == (False, True, want)  # none yet: the lower cache, then built
+    indexes = list(cache.glob("*.index"))
+    assert len(indexes) == 1
+    assert mount_and_view() == (True, False, want)
+    u = _auto(lowers, cache, "roots")
+    try:
+        assert u.lindex is not None and u.lindex.attrs  # attributes served under roots
+        assert _view(u, PATHS) == want
+    finally:
+        u.close()
+    # a layer changed: the index is stale, the mount goes on without it and rebuilds it
+    time.sleep(0.01)
+    (lowers[1] / "d" / "new").write_text("n")
+    want = _view_ro(lowers, None)
+    assert mount_and_view() == (False, True, want)
+    assert mount_and_view() == (True, False, want)
+    # another stack (other order) gets an index of its own
+    lowers.reverse()
+    u = _auto(lowers, cache)
+    try:
+        assert u.lindex is None
+    finally:
+        u.close()
+    assert len(list(cache.glob("*.index"))) == 2
+    # an index file others may write is not trusted: rebuilt
+    lowers.reverse()
+    indexes[0].chmod(0o666)
+    assert mount_and_view()[0] is False
+    assert stat.S_IMODE(indexes[0].stat().st_mode) & 0o022 == 0
+    assert mount_and_view()[0] is True
+
+
+def test_auto_index_command_line(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lower, mnt = scratch / "l", scratch / "m"
+    lower.mkdir()
+    mnt.mkdir()
+    monkeypatch.setenv("UNIONFS_LOWER_CACHE", str(scratch / "c"))
+
+    def config(*opts: str) -> Config:
+        settings = cli.parse_options([",".join([f"lowerdir={lower}", *opts])])
+        return cli.check(settings, str(mnt), foreground=True, debug=False)
+
+    c = config("lowerindex=auto", "lowerindex_check=roots")
+    assert (c.lowerindex, c.lowerindex_check, c.lowercache) == ("auto", "roots",
+                                                                 str(scratch / "c"))
+    with pytest.raises(cli.UsageError, match="lowerindex=auto keeps the index"):
+        config("lowerindex=auto", "lowercache=off")
+
+
+@pytest.mark.skipif(not ROOT or not os.path.exists("/dev/fuse"), reason="needs root and FUSE")
+def test_mounted_auto_index(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the command line, as podman's mountopt would give it: the first mount runs
+    without an index and leaves one; the second uses it (its stats say so), same tree."""
+    stats = scratch / "stats.json"
+    monkeypatch.setenv("UNIONFS_STATS_FILE", str(stats))
+    lowers = _mkstack(scratch, 5)
+    (lowers[4] / "d" / "sub" / "deep").write_text("deep")
+    cache = scratch / "cache"
+    mnt = scratch / "mnt"
+    mnt.mkdir()
+    seen = []
+    for _ in range(2):
+        with mounted("unionfs", lowers, None, None, mnt,
+                     [f"lowercache={cache}", "lowerindex=auto",
+                      "lowerindex_check=roots"]) as m:
+            tree = sorted(str(p.relative_to(mnt)) for p in mnt.rglob("*"))
+            assert (mnt / "d" / "sub" / "deep").read_text() == "deep"
+            seen.append((_dump(m, stats)["lowerindex"], tree))
+        assert len(list(cache.glob("*.index"))) == 1  # built after the unmount, before exit
+    assert [s[0] for s in seen] == [False, True]
+    assert seen[0][1] == seen[1][1]
