@@ -16,8 +16,10 @@ The flow, without a container runtime (`podman run` fails on this machine for re
 import a busybox rootfs tar, create a container, `podman mount` it (a fuse.unionfs mount), write a
 file and delete a lower file through the mount, check `podman diff`, `podman umount`, `podman
 commit`, then create and mount a container of the committed image and see both changes. Run with
-podman's default mount options and with `mountopt = "nodev,metacopy=on"` (the form of many
-distributions' storage.conf). Teardown: podman umount/rm/rmi and `system reset` of the private
+podman's default mount options, with `mountopt = "nodev,metacopy=on"` (the form of many
+distributions' storage.conf) and with unionfs' own `lowerindex=auto,lowerindex_check=roots`
+through mountopt (the index of the image is built after the first unmount and used by the next
+mount). Teardown: podman umount/rm/rmi and `system reset` of the private
 storage, then anything still mounted below tmp_path is unmounted and any server started for it
 killed (by pid, found by its command line naming this test's directory).
 """
@@ -156,7 +158,11 @@ def _mounts_below(root: Path) -> list[str]:
     return [mp for mp, _ in mount_points() if mp.startswith(prefix)]
 
 
-@pytest.fixture(params=["", "nodev,metacopy=on"], ids=["default-mountopt", "mountopt"])
+AUTOINDEX = "lowerindex=auto,lowerindex_check=roots,lowercache={lcache}"
+
+
+@pytest.fixture(params=["", "nodev,metacopy=on", AUTOINDEX],
+                ids=["default-mountopt", "mountopt", "autoindex"])
 def podman(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Podman]:
     if shutil.which("podman") is None:
         pytest.skip("needs podman")
@@ -169,7 +175,8 @@ def podman(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Podman]:
     wrapper.write_text(WRAPPER.format(python=sys.executable, log=str(argv_log),
                                       target=target_cmd))
     wrapper.chmod(0o755)
-    mountopt = f'mountopt = "{request.param}"\n' if request.param else ""
+    opts = request.param.format(lcache=root / "lcache")
+    mountopt = f'mountopt = "{opts}"\n' if opts else ""
     conf = root / "storage.conf"
     conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{root / "graph"}"\n'
                     f'runroot = "{root / "run"}"\n\n[storage.options.overlay]\n'
@@ -226,6 +233,15 @@ def test_podman_create_mount_commit_with_unionfs(podman: Podman, rootfs_tar: Pat
     pm.run("umount", cid)
     assert not is_mounted(merged)
     assert _wait_gone(servers, 10) == [], "the server outlived podman umount"
+    if "lowerindex=auto" in call[1]:  # the options of storage.conf's mountopt reached unionfs
+        # the lower index of the image was built after the unmount: the next mount uses it
+        assert len(list((pm.root / "lcache").glob("*.index"))) == 1
+        merged = Path(pm.run("mount", cid).stdout.strip())
+        assert (merged / "data" / "new.txt").read_text() == "new\n"
+        assert (merged / "data" / "sub" / "deep.txt").read_text() == "deep\n"
+        servers = _servers_for(merged)
+        pm.run("umount", cid)
+        assert _wait_gone(servers, 10) == []
 
     pm.run("commit", cid, "localhost/unionfs-test:committed")
     cid2 = pm.run("create", "--network", "none", "localhost/unionfs-test:committed",
