@@ -63,8 +63,11 @@ class LayerKnowledge(Protocol):
 CACHE_MAX = 1 << 18  # entries per read-only-branch cache before it starts over
 # lstat results are the largest cached items (about 600 bytes each): keep a working set, not one
 # per object ever seen, so the server's memory follows what the kernel holds (the kernel caches
-# attributes itself; a readdirplus reads a directory's stats in one pass just before using them)
-STAT_CACHE_MAX = 1 << 13
+# attributes itself; a readdirplus reads a directory's stats in one pass just before using them).
+# This many over all the lower branches together, at least LOWER_STATS_MIN each (a deep stack
+# must not multiply it).
+LOWER_STATS = 1 << 12
+LOWER_STATS_MIN = 256
 # O_PATH fds of the upper's most recently used directories: an upper lookup, stat or change then
 # costs no openat2 path walk (the union drops them whenever a directory there moves or goes)
 DIRFD_CACHE_MAX = 64
@@ -105,6 +108,7 @@ class Branch:
         self._stats: dict[bytes, os.stat_result] = {}
         self._dirfds: OrderedDict[bytes, int] = OrderedDict()
         self.dirfd_max = DIRFD_CACHE_MAX  # (the union gives lower branches their share)
+        self.stats_max = LOWER_STATS  # lstat results kept (read-only branches; likewise)
         # the upper's lstat taken by the latest entry(), reused by the stat() that follows it in
         # the same request (nothing runs in between: the server is single-threaded)
         self._last: tuple[bytes, os.stat_result] | None = None
@@ -198,7 +202,7 @@ class Branch:
                 known = self.known.stat(rel) if self.known is not None else None
                 if known is not None:
                     return known
-                if len(self._stats) >= STAT_CACHE_MAX:
+                if len(self._stats) >= self.stats_max:
                     self._stats.clear()
                 st = self._stats[rel] = self._stat(rel)
             return st
@@ -217,9 +221,9 @@ class Branch:
         known = self.known
         todo = [n for n in names if join(rel, n) not in self._stats
                 and (known is None or known.stat(join(rel, n)) is None)]
-        if len(todo) < 2 or len(todo) > STAT_CACHE_MAX // 2:
+        if len(todo) < 2 or len(todo) > self.stats_max // 2:
             return
-        if len(self._stats) + len(todo) >= STAT_CACHE_MAX:
+        if len(self._stats) + len(todo) >= self.stats_max:
             self._stats.clear()
         try:
             fd = self.open_dir(rel)

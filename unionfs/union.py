@@ -30,7 +30,16 @@ from dataclasses import dataclass
 
 from . import copyup, layerindex, lowercache
 from . import sys_linux as sl
-from .branch import LOWER_DIRFD_MIN, LOWER_DIRFDS, O_DIR_PATH, Branch, join, split
+from .branch import (
+    LOWER_DIRFD_MIN,
+    LOWER_DIRFDS,
+    LOWER_STATS,
+    LOWER_STATS_MIN,
+    O_DIR_PATH,
+    Branch,
+    join,
+    split,
+)
 from .config import Config
 from .core.formats import (
     DEAD_XATTRS,
@@ -158,6 +167,7 @@ class Union:
         for b in self.branches:
             if not b.writable:
                 b.dirfd_max = max(LOWER_DIRFD_MIN, LOWER_DIRFDS // len(config.lowers))
+                b.stats_max = max(LOWER_STATS_MIN, LOWER_STATS // len(config.lowers))
         self.lindex: layerindex.LowerIndex | None = None
         self.build_index: str | None = None  # lowerindex=auto: built there at unmount
         index = config.lowerindex

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.unionfs.conftest import in_process_union
+from unionfs.branch import LOWER_STATS, LOWER_STATS_MIN
 from unionfs.union import SHRINK_MIN_NODES, Union
 
 N = SHRINK_MIN_NODES + 1000
@@ -41,3 +42,21 @@ def test_forgetting_most_inodes_frees_them_and_compacts_the_table(union: Union) 
     assert sys.getsizeof(union.inodes.nodes) * 20 < peak
     for ino in keep:
         assert union.node(ino).name.startswith(b"f")
+
+
+@pytest.mark.parametrize("nlowers", [1, 2, 64])
+def test_lower_stat_caches_share_one_budget(tmp_path: Path, nlowers: int) -> None:
+    """The lstat results kept of lower objects (about 600 bytes each) are bounded over all the
+    lower branches together: a deep stack does not multiply the server's memory."""
+    lowers = [tmp_path / f"l{i}" for i in range(nlowers)]
+    for p in lowers:
+        p.mkdir()
+    names = 3000
+    for i in range(names):
+        (lowers[-1] / f"f{i}").touch()
+    with in_process_union(tmp_path, lowers) as u:
+        for i in range(names):
+            u.lookup(1, b"f%d" % i)
+        kept = len(u.branches[-1]._stats)  # (the bottom layer holds every name)
+        assert 0 < kept <= max(LOWER_STATS_MIN, LOWER_STATS // nlowers) < names or nlowers == 1
+        assert kept <= LOWER_STATS
