@@ -31,6 +31,7 @@ from .core.formats import (
 )
 from .core.readdir import Listing
 from .core.resolve import MISSING, WHITEOUT, BranchEntry, Kind
+from .statpack import pack, unpack
 
 O_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -61,13 +62,15 @@ class LayerKnowledge(Protocol):
                        info: tuple[bool, bytes | None]) -> None: ...
 
 CACHE_MAX = 1 << 18  # entries per read-only-branch cache before it starts over
-# lstat results are the largest cached items (about 600 bytes each): keep a working set, not one
-# per object ever seen, so the server's memory follows what the kernel holds (the kernel caches
-# attributes itself; a readdirplus reads a directory's stats in one pass just before using them).
-# This many over all the lower branches together, at least LOWER_STATS_MIN each (a deep stack
-# must not multiply it).
-LOWER_STATS = 1 << 12
-LOWER_STATS_MIN = 256
+# lstat results of lower objects, kept packed (`statpack`: about 200 bytes each with the path,
+# an os.stat_result alone is 650): a working set, not one per object ever seen, so the server's
+# memory follows what the kernel holds (the kernel caches attributes itself; a readdirplus reads
+# a directory's stats in one pass just before using them; reading a file invalidates its
+# attributes in the kernel, and the getattr that follows is answered from here). This many over
+# all the lower branches together, at least LOWER_STATS_MIN each (a deep stack must not multiply
+# it).
+LOWER_STATS = 1 << 14
+LOWER_STATS_MIN = 512
 # O_PATH fds of the upper's most recently used directories: an upper lookup, stat or change then
 # costs no openat2 path walk (the union drops them whenever a directory there moves or goes)
 DIRFD_CACHE_MAX = 64
@@ -105,7 +108,7 @@ class Branch:
         self._listings: dict[bytes, Listing] = {}
         self._dirinfo: dict[bytes, DirInfo] = {}
         self._links: dict[int, list[bytes]] | None = None
-        self._stats: dict[bytes, os.stat_result] = {}
+        self._stats: dict[bytes, bytes] = {}  # read-only branches: path -> packed lstat
         self._dirfds: OrderedDict[bytes, int] = OrderedDict()
         self.dirfd_max = DIRFD_CACHE_MAX  # (the union gives lower branches their share)
         self.stats_max = LOWER_STATS  # lstat results kept (read-only branches; likewise)
@@ -197,14 +200,16 @@ class Branch:
         """lstat of REL (remembered for read-only branches; read from the lower index when it
         vouches for attributes, without a system call)."""
         if not self.writable:
-            st = self._stats.get(rel)
-            if st is None:
-                known = self.known.stat(rel) if self.known is not None else None
-                if known is not None:
-                    return known
-                if len(self._stats) >= self.stats_max:
-                    self._stats.clear()
-                st = self._stats[rel] = self._stat(rel)
+            raw = self._stats.get(rel)
+            if raw is not None:
+                return unpack(raw)
+            known = self.known.stat(rel) if self.known is not None else None
+            if known is not None:
+                return known
+            if len(self._stats) >= self.stats_max:
+                self._stats.clear()
+            st = self._stat(rel)
+            self._stats[rel] = pack(st)
             return st
         return self._stat(rel)
 
@@ -232,7 +237,8 @@ class Branch:
         try:
             for n in todo:
                 try:
-                    self._stats[join(rel, n)] = os.stat(n, dir_fd=fd, follow_symlinks=False)
+                    self._stats[join(rel, n)] = pack(os.stat(n, dir_fd=fd,
+                                                             follow_symlinks=False))
                 except OSError:
                     pass
         finally:

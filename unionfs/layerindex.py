@@ -57,7 +57,6 @@ from __future__ import annotations
 import marshal
 import os
 import stat
-import struct
 import zlib
 from collections import deque
 from collections.abc import Sequence
@@ -66,6 +65,8 @@ from dataclasses import dataclass
 from .branch import Branch, join, split
 from .core.readdir import Listing
 from .core.resolve import BranchEntry, Kind, Resolution, resolve
+from .statpack import pack as _pack
+from .statpack import unpack as _stat_result
 
 AUTO = "auto"
 """`lowerindex=auto`: the index kept in the lower cache directory (see `lowercache`)."""
@@ -113,29 +114,7 @@ def _identity(path: str, st: os.stat_result) -> tuple[str, int, int, int, int]:
     return (path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
 
-# one object's lstat: mode uid gid nlink ino dev size rdev blocks blksize atime mtime ctime (ns)
-_ATTR = struct.Struct("<IIIIQQqQqIqqq")
 _STATABLE = (Kind.DIR.value, Kind.OTHER.value)  # the entry kinds that carry attributes
-_NS = 1_000_000_000
-
-
-def _pack(st: os.stat_result) -> bytes:
-    return _ATTR.pack(st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_ino, st.st_dev,
-                      st.st_size, st.st_rdev, st.st_blocks, st.st_blksize, st.st_atime_ns,
-                      st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _stat_result(raw: bytes, slot: int) -> os.stat_result:
-    """The os.stat_result a real lstat would give for the packed attributes at SLOT (every
-    field, the float and integer times computed as CPython computes them)."""
-    (mode, uid, gid, nlink, ino, dev, size, rdev, blocks, blksize, a, m, c
-     ) = _ATTR.unpack_from(raw, slot * _ATTR.size)
-    asec, ans = divmod(a, _NS)
-    msec, mns = divmod(m, _NS)
-    csec, cns = divmod(c, _NS)
-    return os.stat_result((mode, ino, dev, nlink, uid, gid, size, asec, msec, csec,
-                           asec + ans * 1e-9, msec + mns * 1e-9, csec + cns * 1e-9,
-                           a, m, c, blksize, blocks, rdev))
 
 
 def _comparable(st: os.stat_result) -> tuple[int, ...]:

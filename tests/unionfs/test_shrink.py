@@ -4,6 +4,7 @@ since a dict never shrinks the table of its largest size. In-process."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from tests.unionfs.conftest import in_process_union
 from unionfs.branch import LOWER_STATS, LOWER_STATS_MIN
+from unionfs.statpack import ATTR
 from unionfs.union import SHRINK_MIN_NODES, Union
 
 N = SHRINK_MIN_NODES + 1000
@@ -51,7 +53,7 @@ def test_lower_stat_caches_share_one_budget(tmp_path: Path, nlowers: int) -> Non
     lowers = [tmp_path / f"l{i}" for i in range(nlowers)]
     for p in lowers:
         p.mkdir()
-    names = 3000
+    names = LOWER_STATS // 2 + 1000  # more than one of two layers' share
     for i in range(names):
         (lowers[-1] / f"f{i}").touch()
     with in_process_union(tmp_path, lowers) as u:
@@ -60,3 +62,26 @@ def test_lower_stat_caches_share_one_budget(tmp_path: Path, nlowers: int) -> Non
         kept = len(u.branches[-1]._stats)  # (the bottom layer holds every name)
         assert 0 < kept <= max(LOWER_STATS_MIN, LOWER_STATS // nlowers) < names or nlowers == 1
         assert kept <= LOWER_STATS
+
+
+STAT_FIELDS = [f for f in dir(os.stat_result) if f.startswith("st_")]
+
+
+def test_kept_lower_stats_are_packed_and_come_back_field_for_field(tmp_path: Path) -> None:
+    """A kept lstat is 84 bytes (`statpack`), not an os.stat_result (650): what a hit returns
+    is, field for field (integer and float times included), what lstat returned."""
+    lower = tmp_path / "l"
+    (lower / "d").mkdir(parents=True)
+    (lower / "d" / "f").write_bytes(b"x" * 5000)
+    (lower / "d" / "s").symlink_to("f")
+    os.utime(lower / "d" / "f", ns=(1_234_567_891_234_567_891, 1_700_000_000_123_456_789))
+    with in_process_union(tmp_path, [lower]) as u:
+        b = u.branches[-1]
+        for rel in (b"d", b"d/f", b"d/s"):
+            first = b.stat(rel)  # a miss: the live lstat
+            assert isinstance(b._stats[rel], bytes) and len(b._stats[rel]) == ATTR.size == 84
+            again = b.stat(rel)  # a hit: unpacked
+            assert again is not first
+            live = os.lstat(lower / rel.decode())
+            for f in STAT_FIELDS:
+                assert getattr(again, f) == getattr(first, f) == getattr(live, f), (rel, f)
