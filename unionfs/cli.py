@@ -2,6 +2,7 @@
 
     unionfs [-f] [-d] -o lowerdir=L1:L2,upperdir=U,workdir=W[,opt...] [SOURCE] MOUNTPOINT
     unionfs index build -o lowerdir=L1:L2:... FILE      (a lower index, see layerindex.py)
+    unionfs cache dir|list|prune|clear [-o lowercache=DIR]   (the lower cache, lowercache.py)
 
 Bad input is reported as one line on stderr and exit status 1 (2 for usage errors), never a
 traceback. `parse_options` and `check` are separate from `main` so tests can call them directly.
@@ -14,6 +15,7 @@ import logging
 import os
 import stat
 import sys
+import time
 from collections.abc import Sequence
 
 from . import __version__
@@ -328,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="unionfs",
         description="A union file system in user space: read-only lower branches under one "
                     "writable upper branch, with overlayfs/OCI whiteouts. Command line "
-                    "compatible with fuse-overlayfs.",
+                    "compatible with fuse-overlayfs. Also: `unionfs index build` (a lower "
+                    "index) and `unionfs cache dir|list|prune|clear` (the lower cache).",
         epilog=HELP_OPTIONS, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="mount options, see below")
@@ -376,8 +379,83 @@ def index_main(argv: Sequence[str]) -> int:
     return 0
 
 
+CACHE_USAGE = "usage: unionfs cache {dir,list,prune,clear} [-o lowercache=DIR] [--days N]"
+
+
+def cache_main(argv: Sequence[str]) -> int:
+    """`unionfs cache dir|list|prune|clear`: look after the lower cache directory."""
+    p = argparse.ArgumentParser(
+        prog="unionfs cache",
+        description="The lower cache (see lowercache= in unionfs --help): dir prints where it "
+                    "is, list shows its files (kind, size, last use, layers), prune removes "
+                    "the files no mount used for --days (default 30; unmounts do it too), "
+                    "clear removes them all (the next mounts read their layers afresh).")
+    p.add_argument("action", choices=("dir", "list", "prune", "clear"))
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="lowercache=DIR (default as for mounting)")
+    p.add_argument("--days", type=float, default=None, metavar="N")
+    args = p.parse_args(argv)
+    from . import lowercache
+
+    try:
+        settings = parse_options(args.options)
+    except UsageError as e:
+        print(f"unionfs: {e}", file=sys.stderr)
+        return 1
+    where = settings.get("lowercache", default_cache_dir())
+    if where is None or where == "off":
+        print("unionfs: no lower cache directory (lowercache=off, or no HOME)", file=sys.stderr)
+        return 1
+    assert isinstance(where, str)
+    where = os.path.abspath(where)
+    if args.action == "dir":
+        print(where)
+        return 0
+    if args.days is not None and (args.action != "prune" or args.days < 0):
+        print("unionfs: --days N (N >= 0) goes with prune", file=sys.stderr)
+        return 1
+    try:
+        names = sorted(os.listdir(where))
+    except FileNotFoundError:
+        names = []
+    except OSError as e:
+        print(f"unionfs: {where}: {e.strerror}", file=sys.stderr)
+        return 1
+    files = [n for n in names if n.endswith((".layer", ".index", ".tmp"))]
+    if args.action == "list":
+        for n in files:
+            path = os.path.join(where, n)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            kind = n.rsplit(".", 1)[1]
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(st.st_mtime))
+            layers = ":".join(lowercache.describe(path)) or "-"
+            print(f"{kind:5}  {st.st_size:>10}  {used}  {layers}")
+        return 0
+    if args.action == "prune":
+        days = lowercache.UNUSED_DAYS if args.days is None else args.days
+        print(f"removed {lowercache.prune(where, days=days)} file(s) from {where}")
+        return 0
+    removed = 0
+    for n in files:
+        try:
+            os.unlink(os.path.join(where, n))
+            removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            print(f"unionfs: {n}: {e.strerror}", file=sys.stderr)
+            return 1
+    print(f"removed {removed} file(s) from {where}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["cache"]:
+        return cache_main(args_list[1:])
     if args_list[:1] == ["index"]:
         if args_list[1:2] != ["build"]:
             print(INDEX_USAGE, file=sys.stderr)

@@ -307,18 +307,32 @@ def trusted_file(path: str) -> bool:
         os.close(fd)
 
 
-def prune(cache_dir: str, now: float | None = None) -> int:
-    """Remove the files of layers no mount used for `UNUSED_DAYS` (a layer deleted since, most
-    likely) and temporary files a killed writer left; the number removed."""
+def describe(path: str) -> list[str]:
+    """The layers a cache file is about (top-first for an index); [] if it is not readable."""
+    try:
+        with open(path, "rb") as f:
+            data = marshal.loads(f.read())
+        if path.endswith(".layer") and data[0] == MAGIC:
+            return [str(data[2][0])]
+        if path.endswith(".index"):
+            return [str(ident[0]) for ident in data[2]]
+    except (OSError, EOFError, ValueError, TypeError, IndexError):
+        pass
+    return []
+
+
+def prune(cache_dir: str, now: float | None = None, days: float = UNUSED_DAYS) -> int:
+    """Remove the files of layers no mount used for DAYS (a layer deleted since, most likely)
+    and temporary files a killed writer left; the number removed."""
     now = time.time() if now is None else now
     removed = 0
     try:
         with os.scandir(cache_dir) as it:
             for e in it:
                 if e.name.endswith((".layer", ".index")):
-                    limit = now - UNUSED_DAYS * 86400
+                    limit = now - days * 86400
                 elif e.name.endswith(".tmp"):
-                    limit = now - 3600
+                    limit = now - min(3600, days * 86400)
                 else:
                     continue
                 try:

@@ -610,3 +610,43 @@ def test_mounted_auto_index(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> N
         assert len(list(cache.glob("*.index"))) == 1  # built after the unmount, before exit
     assert [s[0] for s in seen] == [False, True]
     assert seen[0][1] == seen[1][1]
+
+
+def test_cache_command(scratch: Path) -> None:
+    """`unionfs cache dir|list|prune|clear`, on a cache two mounts filled."""
+    lowers = _mkstack(scratch, 2)
+    cache = scratch / "cache"
+    u = _auto(lowers, cache)
+    u.close()  # builds the stack's index
+    _view_ro(lowers, cache)
+    opt = ["-o", f"lowercache={cache}"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "unionfs", "cache", *args],
+                              capture_output=True, text=True, timeout=60)
+
+    r = run("dir", *opt)
+    assert (r.returncode, r.stdout) == (0, f"{cache}\n")
+    env_dir = run("dir")  # the suite's UNIONFS_LOWER_CACHE
+    assert env_dir.stdout.strip() == os.environ["UNIONFS_LOWER_CACHE"]
+    r = run("list", *opt)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 3, r.stdout
+    assert sorted(line.split()[0] for line in lines) == ["index", "layer", "layer"]
+    index_line = next(line for line in lines if line.startswith("index"))
+    assert index_line.split()[-1] == ":".join(map(str, lowers))
+    assert {line.split()[-1] for line in lines if line.startswith("layer")} == set(
+        map(str, lowers))
+    r = run("prune", *opt)
+    assert r.returncode == 0 and r.stdout.startswith("removed 0 file(s)")
+    old = time.time() - 40 * 86400
+    os.utime(next(cache.glob("*.index")), (old, old))
+    assert run("prune", *opt).stdout.startswith("removed 1 file(s)")
+    assert run("prune", "--days", "0", *opt).stdout.startswith("removed 2 file(s)")
+    _view_ro(lowers, cache)
+    assert run("clear", *opt).stdout.startswith("removed 2 file(s)")
+    assert list(cache.iterdir()) == []
+    for bad in (["frob"], ["list", "--days", "3"], ["dir", "-o", "lowercache=off"],
+                ["prune", "--days", "-1"]):
+        r = run(*bad, *([] if "-o" in bad else opt))
+        assert r.returncode in (1, 2) and r.stderr and not r.stdout, (bad, r)
