@@ -423,16 +423,19 @@ def cache_main(argv: Sequence[str]) -> int:
         return 1
     files = [n for n in names if n.endswith((".layer", ".index", ".tmp"))]
     if args.action == "list":
-        for n in files:
-            path = os.path.join(where, n)
-            try:
-                st = os.lstat(path)
-            except OSError:
-                continue
-            kind = n.rsplit(".", 1)[1]
-            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(st.st_mtime))
-            layers = ":".join(lowercache.describe(path)) or "-"
-            print(f"{kind:5}  {st.st_size:>10}  {used}  {layers}")
+        try:
+            for n in files:
+                path = os.path.join(where, n)
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                kind = n.rsplit(".", 1)[1]
+                used = time.strftime("%Y-%m-%d %H:%M", time.localtime(st.st_mtime))
+                layers = ":".join(lowercache.describe(path)) or "-"
+                print(f"{kind:5}  {st.st_size:>10}  {used}  {layers}", flush=True)
+        except BrokenPipeError:  # (| head)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if args.action == "prune":
         days = lowercache.UNUSED_DAYS if args.days is None else args.days
