@@ -47,7 +47,8 @@ mount options (-o, comma separated, may repeat):
                        each request at once; trio runs pyfuse3's trio main loop (several times
                        the cost per request; always used with an upstream pyfuse3)
   spin=MICROSECONDS    with loop=direct, after each request poll this long for the next one
-                       before sleeping (default 50; 0 never polls; off with a single CPU):
+                       before sleeping (default 50; 0 never polls; off with a single CPU
+                       or a cgroup CPU quota under two CPUs):
                        a client that sends its next request within that time finds the
                        server awake, which saves two task wake-ups per request (costly on
                        virtual machines); costs up to that much CPU time per request, and

@@ -106,10 +106,67 @@ async def _serve(ops: UnionOperations, stats_path: str | None, readahead_kib: in
 
 def spin_time(requested_us: int) -> int:
     """The spin the direct loop gets: none with one CPU to run on (the client needs that CPU
-    to send the next request; the spin yields it, but each yield is a wasted system call)."""
+    to send the next request; the spin yields it, but each yield is a wasted system call),
+    whether by affinity or by a cgroup's CPU quota."""
     if requested_us <= 0 or not spin_supported():
         return 0
-    return requested_us if len(os.sched_getaffinity(0)) > 1 else 0
+    if len(os.sched_getaffinity(0)) < 2:
+        return 0
+    quota = cpu_quota()
+    return 0 if quota is not None and quota < 2 else requested_us
+
+
+def cpu_quota(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
+              ) -> float | None:
+    """How many CPUs' worth of time this process's cgroups allow (the smallest quota of its
+    cgroup and the ones above it: cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us` /
+    `cpu.cfs_period_us`); None when nothing limits it or it cannot be read."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found: list[float] = []
+    files: tuple[str, ...]
+    for line in lines:
+        hier, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hier == "0" and not controllers:  # cgroup v2
+            base, files = root, ("cpu.max",)
+            if os.path.isdir(os.path.join(root, "unified")) and not os.path.exists(
+                    os.path.join(root, "cgroup.controllers")):
+                base = os.path.join(root, "unified")  # (hybrid: v2 mounted beside v1)
+        elif "cpu" in controllers.split(","):
+            base = os.path.join(root, controllers)
+            if not os.path.isdir(base):
+                base = os.path.join(root, "cpu")
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            d = os.path.join(base, *parts[:depth])
+            q = _quota_at(d, files)
+            if q is not None:
+                found.append(q)
+    return min(found) if found else None
+
+
+def _quota_at(d: str, files: tuple[str, ...]) -> float | None:
+    try:
+        if len(files) == 1:
+            with open(os.path.join(d, files[0])) as f:
+                quota, _, period = f.read().strip().partition(" ")
+        else:
+            with open(os.path.join(d, files[0])) as f:
+                quota = f.read().strip()
+            with open(os.path.join(d, files[1])) as f:
+                period = f.read().strip()
+        if quota in ("max", "-1") or not period:
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
 
 
 def _serve_direct(ops: UnionOperations, stats_path: str | None, readahead_kib: int = 0,

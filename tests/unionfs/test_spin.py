@@ -17,6 +17,7 @@ import pytest
 from tests.unionfs.conftest import Stack, write
 from tests.unionfs.test_kernel_caching import requests
 from unionfs.cli import parse_options
+from unionfs.mount import cpu_quota, spin_time
 
 
 def _busy(mnt: Path, n: int = 300) -> None:
@@ -128,3 +129,72 @@ def test_spin_option() -> None:
     assert parse_options(["spin=0"])["spin"] == 0
     assert parse_options(["spin=10000"])["spin"] == 10000
     assert "spin" not in parse_options(["lowerdir=/a"])
+
+
+@contextlib.contextmanager
+def _cpu_quota(cpus: float) -> Iterator[None]:
+    """This process (and so the server it starts) in a new cgroup allowed CPUS CPUs' worth of
+    time (cgroup v1 `cpu` controller, else v2 `cpu.max`), until the block ends."""
+    v1 = Path("/sys/fs/cgroup/cpu")
+    if (v1 / "cpu.cfs_quota_us").exists():
+        parent = v1
+        group = v1 / f"unionfs-spin-test-{os.getpid()}"
+        group.mkdir()
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text(str(int(cpus * 100000)))
+    else:
+        parent = Path("/sys/fs/cgroup")
+        group = parent / f"unionfs-spin-test-{os.getpid()}"
+        group.mkdir()
+        (group / "cpu.max").write_text(f"{int(cpus * 100000)} 100000")
+    try:
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+        try:
+            yield
+        finally:
+            (parent / "cgroup.procs").write_text(str(os.getpid()))
+    finally:
+        group.rmdir()
+
+
+def test_no_spin_under_a_cpu_quota_of_one_cpu(stack: Stack, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two CPUs by affinity but one CPU's worth of time by the cgroup: spinning would spend
+    the client's share. Off then; on again with a quota of two CPUs."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs")  # (the single-CPU case is the test above)
+    with _cpu_quota(1.0):
+        dumped = _stats(stack, tmp_path, monkeypatch, ("spin=200",))
+    assert dumped["spin_us"] == 0 and dumped["spin_hits"] == 0, dumped
+    with _cpu_quota(2.0):
+        assert spin_time(200) == 200
+
+
+def test_cpu_quota_reading(tmp_path: Path) -> None:
+    def tree(lines: str, files: dict[str, str]) -> float | None:
+        root = tmp_path / f"t{len(list(tmp_path.iterdir()))}"
+        root.mkdir()
+        for rel, text in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
+        (root / "proc").write_text(lines)
+        return cpu_quota(str(root / "proc"), str(root / "fs"))
+
+    # v2: the smallest quota on the way up; "max" is no limit
+    assert tree("0::/a/b\n", {"fs/cgroup.controllers": "cpu", "fs/a/cpu.max": "150000 100000",
+                              "fs/a/b/cpu.max": "max 100000"}) == 1.5
+    assert tree("0::/a\n", {"fs/cgroup.controllers": "cpu", "fs/a/cpu.max": "max 100000"}) is None
+    # v1, the controller mounted as cpu,cpuacct or as cpu
+    assert tree("2:cpu,cpuacct:/x\n1:memory:/y\n",
+                {"fs/cpu,cpuacct/x/cpu.cfs_quota_us": "50000",
+                 "fs/cpu,cpuacct/x/cpu.cfs_period_us": "100000"}) == 0.5
+    assert tree("1:cpu:/x\n", {"fs/cpu/cpu.cfs_quota_us": "-1",
+                               "fs/cpu/cpu.cfs_period_us": "100000",
+                               "fs/cpu/x/cpu.cfs_quota_us": "300000",
+                               "fs/cpu/x/cpu.cfs_period_us": "100000"}) == 3.0
+    # hybrid: v2 beside v1 under unified/, the v1 quota the smaller
+    assert tree("1:cpu:/\n0::/s\n", {"fs/cpu/cpu.cfs_quota_us": "100000",
+                                     "fs/cpu/cpu.cfs_period_us": "100000",
+                                     "fs/unified/s/cpu.max": "200000 100000"}) == 1.0
+    assert tree("garbage\n", {}) is None
+    assert cpu_quota(str(tmp_path / "absent")) is None
