@@ -249,3 +249,20 @@ def test_synthetic_dataset_is_cached(bench_cache: Path) -> None:
                        log=lambda s: pytest.fail(f"rebuilt: {s}"))
     assert a == b and a.entries > 100 and len(a.layers) == 3
     assert a.tarball.stat().st_size > 0
+
+
+def test_lower_cache_backends(bench_cache: Path) -> None:
+    """`unionfs` keeps its lower cache in a directory of the run's own (round 1 learns, the
+    others read it), `unionfs-autoindex` leaves an index there after its first round, and
+    `unionfs-nocache` keeps nothing; all three measure every point of the depth curve."""
+    fs = ["unionfs", "unionfs-nocache", "unionfs-autoindex"]
+    _, curves = scaling.run_scaling(fs, ["layers"], "tiny", 2, bench_cache, quiet=True)
+    for c in curves:
+        assert set(c.points) == set(fs)
+        for series in c.points.values():
+            assert set(series) == set(scaling.LIMITS["tiny"].layer_counts)
+    kept = list(bk.lower_cache_dir().iterdir())
+    assert any(p.name.endswith(".layer") for p in kept), kept
+    # one index per stack (one stack per layer count), built by unionfs-autoindex
+    assert len([p for p in kept if p.name.endswith(".index")]) == len(
+        scaling.LIMITS["tiny"].layer_counts), kept
