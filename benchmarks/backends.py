@@ -355,52 +355,31 @@ class Unionfs(FuseServer):
         return [sys.executable, "-m", "unionfs", "-f", "-o", opts, str(mnt)]
 
 
-class UnionfsNoopen(Unionfs):
-    """unionfs with `-o noopen=1` (per-inode I/O, no open/release requests); not in "all"."""
+class UnionfsWith(Unionfs):
+    """unionfs with extra mount options (the variants below; none is in "all")."""
 
-    name = "unionfs-noopen"
-
-    def argv(self, stack: Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
-        argv = super().argv(stack, upper, work, mnt)
-        argv[argv.index("-o") + 1] += ",noopen=1"
-        return argv
-
-
-class UnionfsNospin(Unionfs):
-    """unionfs with `-o spin=0` (the direct loop sleeps as soon as no request is waiting: the
-    loop before the spin); not in "all"."""
-
-    name = "unionfs-nospin"
+    def __init__(self, name: str, options: str) -> None:
+        self.name = name
+        self.options = options
 
     def argv(self, stack: Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
         argv = super().argv(stack, upper, work, mnt)
-        argv[argv.index("-o") + 1] += ",spin=0"
+        argv[argv.index("-o") + 1] += "," + self.options
         return argv
 
 
-class UnionfsNocache(Unionfs):
-    """unionfs with `-o lowercache=off` (every mount reads the layers' directories afresh, as
-    a first mount does); not in "all"."""
-
-    name = "unionfs-nocache"
-
-    def argv(self, stack: Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
-        argv = super().argv(stack, upper, work, mnt)
-        argv[argv.index("-o") + 1] += ",lowercache=off"
-        return argv
-
-
-class UnionfsAutoindex(Unionfs):
-    """unionfs with `-o lowerindex=auto,lowerindex_check=roots`, as podman would pass them from
-    storage.conf's `mountopt`: the first mount of a stack runs without an index and builds one
-    after its unmount (into this run's lower cache), the later rounds use it. Not in "all"."""
-
-    name = "unionfs-autoindex"
-
-    def argv(self, stack: Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
-        argv = super().argv(stack, upper, work, mnt)
-        argv[argv.index("-o") + 1] += ",lowerindex=auto,lowerindex_check=roots"
-        return argv
+VARIANTS = (
+    # per-inode I/O, no open/release requests
+    UnionfsWith("unionfs-noopen", "noopen=1"),
+    # the direct loop sleeps as soon as no request is waiting: the loop before the spin
+    UnionfsWith("unionfs-nospin", "spin=0"),
+    # every mount reads the layers' directories afresh, as a first mount does
+    UnionfsWith("unionfs-nocache", "lowercache=off"),
+    # as podman would pass them from storage.conf's `mountopt`: the first mount of a stack runs
+    # without an index and builds one after its unmount (into this run's lower cache), the
+    # later rounds use it
+    UnionfsWith("unionfs-autoindex", "lowerindex=auto,lowerindex_check=roots"),
+)
 
 
 class UnionfsIndex(Unionfs):
@@ -430,8 +409,7 @@ class UnionfsIndex(Unionfs):
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
-    Native(), Overlay(), FuseOverlayfs(), UnionfsFuse(), Unionfs(), UnionfsNoopen(),
-    UnionfsNospin(), UnionfsNocache(), UnionfsAutoindex(), UnionfsIndex())}
+    Native(), Overlay(), FuseOverlayfs(), UnionfsFuse(), Unionfs(), *VARIANTS, UnionfsIndex())}
 
 
 def probe_unionfs_fuse(chosen: list[Backend], skipped: dict[str, str]) -> str | None:

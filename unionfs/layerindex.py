@@ -65,6 +65,7 @@ from dataclasses import dataclass
 from .branch import Branch, join, split
 from .core.readdir import Listing
 from .core.resolve import BranchEntry, Kind, Resolution, resolve
+from .lowercache import write_atomically
 from .statpack import pack as _pack
 from .statpack import unpack as _stat_result
 
@@ -140,22 +141,7 @@ def build(lowers: Sequence[str]) -> bytes:
 def write(lowers: Sequence[str], dest: str, mode: int = 0o644) -> None:
     """Build the index of LOWERS into DEST (atomically: a temporary file renamed into place),
     at most MODE (whatever the umask: a FUSE server runs with none)."""
-    data = build(lowers)
-    tmp = f"{dest}.{os.getpid()}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomically(dest, build(lowers), mode)
 
 
 def _encode(paths: Sequence[str], branches: Sequence[Branch]) -> bytes:

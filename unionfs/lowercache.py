@@ -66,6 +66,28 @@ _KINDS = {k.value: k for k in Kind}
 _ENTRY = {k.value: BranchEntry(k) for k in Kind}
 
 
+def write_atomically(dest: str, data: bytes, mode: int, durable: bool = True) -> None:
+    """DATA as the file DEST, whole or not at all (a temporary file beside it renamed over it),
+    created at most MODE whatever the umask (a FUSE server runs with none); DURABLE: synced
+    before the rename."""
+    tmp = f"{dest}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def default_dir(uid_map: str = "/proc/self/uid_map") -> str | None:
     """The cache directory when `lowercache=` is not given (None: no place to keep it): the
     system's for the real root, the user's otherwise (root of a user namespace included, as
@@ -219,20 +241,8 @@ class LayerCache:
             for rel, (ino, mtime, ctime, lst, info) in self._learnt.items():
                 enc = _encode(lst) if isinstance(lst, Listing) else lst
                 dirs[rel] = (ino, mtime, ctime, enc, info)
-            data = marshal.dumps((MAGIC, VERSION, self.key, dirs))
-            tmp = f"{self.path}.{os.getpid()}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, self.path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
+            write_atomically(self.path, marshal.dumps((MAGIC, VERSION, self.key, dirs)),
+                             0o600, durable=False)  # (a cache: a lost file is read again)
         except OSError as e:
             log.debug("lower cache %s not written: %s", self.path, e)
         self._drop()
@@ -245,10 +255,10 @@ class LayerCache:
         self._stale = {}
 
 
-def _read(path: str, key: tuple[str, int, int], touch: bool = False
-          ) -> dict[bytes, _Dir] | None:
-    """The records of the file at PATH, or None if there is none we can trust and use.
-    TOUCH: a mount uses it, its mtime says so (at most daily; see `prune`)."""
+def _open_trusted(path: str, touch: bool) -> int | None:
+    """An fd of the file at PATH if it is a regular file of ours that nobody else may write
+    (the cache's files are trusted input), else None. TOUCH: a mount uses it, its mtime says
+    so (at most daily; see `prune`)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -256,17 +266,29 @@ def _read(path: str, key: tuple[str, int, int], touch: bool = False
     try:
         st = os.fstat(fd)
         if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISREG(st.st_mode):
-            log.debug("lower cache %s ignored: not ours", path)
-            return None
-        if touch and st.st_mtime < time.time() - TOUCH_AFTER:
-            os.utime(fd)
-        with os.fdopen(os.dup(fd), "rb") as f:
+            log.debug("%s ignored: not ours", path)
+        else:
+            if touch and st.st_mtime < time.time() - TOUCH_AFTER:
+                os.utime(fd)
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _read(path: str, key: tuple[str, int, int], touch: bool = False
+          ) -> dict[bytes, _Dir] | None:
+    """The records of the file at PATH, or None if there is none we can trust and use."""
+    fd = _open_trusted(path, touch)
+    if fd is None:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
             data = marshal.loads(f.read())
     except (OSError, EOFError, ValueError, TypeError):
         log.debug("lower cache %s ignored: unreadable", path)
         return None
-    finally:
-        os.close(fd)
     if not (isinstance(data, tuple) and len(data) == 4 and data[0] == MAGIC
             and data[1] == VERSION and data[2] == key and _valid_dirs(data[3])):
         log.debug("lower cache %s ignored: not for this layer or version", path)
@@ -291,20 +313,11 @@ def index_path(cache_dir: str, lowers: Sequence[tuple[str, int]]) -> str:
 def trusted_file(path: str) -> bool:
     """Whether the file at PATH exists, is ours and writable by nobody else (then marked used,
     at most daily, see `prune`)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+    fd = _open_trusted(path, touch=True)
+    if fd is None:
         return False
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISREG(st.st_mode):
-            log.debug("%s ignored: not ours", path)
-            return False
-        if st.st_mtime < time.time() - TOUCH_AFTER:
-            os.utime(fd)
-        return True
-    finally:
-        os.close(fd)
+    os.close(fd)
+    return True
 
 
 def describe(path: str) -> list[str]:

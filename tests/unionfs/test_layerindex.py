@@ -74,24 +74,30 @@ def _view(u: Union, paths: list[bytes]) -> dict[bytes, object]:
 
 
 class _Probes:
-    """Counts the directory reads (listings, opaque/redirect probes) made in lower branches."""
+    """Counts the directory reads made in lower branches: listings (`scans`) and opaque/
+    redirect probes (`infos`)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.reads: list[tuple[str, bytes]] = []
+        self.scans: list[tuple[str, bytes]] = []
+        self.infos: list[tuple[str, bytes]] = []
         scan, info = Branch._scan, Branch._read_dir_info
 
         def counted_scan(b: Branch, rel: bytes, *a):  # type: ignore[no-untyped-def]
             if not b.writable:
-                self.reads.append((b.path, rel))
+                self.scans.append((b.path, rel))
             return scan(b, rel, *a)
 
         def counted_info(b: Branch, rel: bytes, *a):  # type: ignore[no-untyped-def]
             if not b.writable:
-                self.reads.append((b.path, rel))
+                self.infos.append((b.path, rel))
             return info(b, rel, *a)
 
         monkeypatch.setattr(Branch, "_scan", counted_scan)
         monkeypatch.setattr(Branch, "_read_dir_info", counted_info)
+
+    @property
+    def reads(self) -> list[tuple[str, bytes]]:
+        return self.scans + self.infos
 
 
 def _compare_engine(stack: Stack, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,10 +29,10 @@ from benchmarks.util import catches_signal
 from tests.differential.settings import diff_settings, stack_strategy
 from tests.helpers.layers import PATH_POOL, Stack, materialise
 from tests.helpers.mounts import Mount, mounted
+from tests.unionfs.test_layerindex import _Probes as _Reads
 from tests.unionfs.test_layerindex import _traced_lookup, _view
 from unionfs import cli, lowercache
 from unionfs import union as union_mod
-from unionfs.branch import Branch
 from unionfs.config import Config
 from unionfs.union import Union
 
@@ -53,28 +53,6 @@ def _union(lowers: list[Path], cache: Path | None, upper: Path | None = None,
     return Union(Config(lowers=tuple(map(str, lowers)), mountpoint="/nonexistent",
                         upper=str(upper) if upper else None, work=str(work) if work else None,
                         lowercache=str(cache) if cache else None))
-
-
-class _Reads:
-    """The lower directories a union reads itself (listings and opaque/redirect probes)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.scans: list[tuple[str, bytes]] = []
-        self.infos: list[tuple[str, bytes]] = []
-        scan, info = Branch._scan, Branch._read_dir_info
-
-        def counted_scan(b: Branch, rel: bytes, *a):  # type: ignore[no-untyped-def]
-            if not b.writable:
-                self.scans.append((b.path, rel))
-            return scan(b, rel, *a)
-
-        def counted_info(b: Branch, rel: bytes, *a):  # type: ignore[no-untyped-def]
-            if not b.writable:
-                self.infos.append((b.path, rel))
-            return info(b, rel, *a)
-
-        monkeypatch.setattr(Branch, "_scan", counted_scan)
-        monkeypatch.setattr(Branch, "_read_dir_info", counted_info)
 
 
 def _xwhiteout_dir(path: str, rel: bytes) -> bool:
