@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,6 +55,17 @@ class Stack:
                      self.work if upper else None, mnt or self.mnt, options, log=log) as m:
             yield m
         assert "unionfs bug" not in m.server_log(), m.server_log()
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A directory of its own outside pytest's tmp_path (short paths, and mounts below it are
+    never followed by the removal)."""
+    d = Path(tempfile.mkdtemp(prefix="unionfs-scratch-"))
+    try:
+        yield d
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False, timeout=120)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,15 +33,6 @@ from unionfs.inodes import ROOT_INO
 from unionfs.union import Union
 
 ROOT = os.geteuid() == 0
-
-
-@pytest.fixture
-def scratch() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="unionfs-lindex-"))
-    try:
-        yield d
-    finally:
-        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False, timeout=120)
 
 
 def _union(lowers: list[Path], upper: Path | None, work: Path | None,

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +36,6 @@ from unionfs.config import Config
 from unionfs.union import Union
 
 ROOT = os.geteuid() == 0
-
-
-@pytest.fixture
-def scratch() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="unionfs-lcache-"))
-    try:
-        yield d
-    finally:
-        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False, timeout=120)
 
 
 def _union(lowers: list[Path], cache: Path | None, upper: Path | None = None,
