@@ -165,10 +165,11 @@ def test_layer_changed_between_mounts_is_read_afresh(scratch: Path, change: str,
     assert reads.scans == [] and reads.infos == []
 
 
-def _view_ro(lowers: list[Path], cache: Path | None) -> dict[bytes, object]:
+def _view_ro(lowers: list[Path], cache: Path | None, paths: list[bytes] = PATHS
+             ) -> dict[bytes, object]:
     u = _union(lowers, cache)
     try:
-        return _view(u, PATHS)
+        return _view(u, paths)
     finally:
         u.close()
 
@@ -234,11 +235,7 @@ def test_what_two_mounts_learn_is_merged(scratch: Path, monkeypatch: pytest.Monk
     learnt = _stale_paths(cache)
     assert set(learnt[str(lowers[0])]) >= {b"", b"d", b"e"}, learnt
     both = [b"d/only0", b"e/x"]
-    plain = _union(lowers, None)
-    try:
-        want = _view(plain, both)
-    finally:
-        plain.close()
+    want = _view_ro(lowers, None, both)
     with monkeypatch.context() as m:
         reads = _Reads(m)
         u = _union(lowers, cache)
