@@ -110,6 +110,17 @@ def _initial_user_namespace(uid_map: str) -> bool:
         return True  # no user namespaces at all
 
 
+def layer_key(path: str, root_fd: int) -> tuple[str, int, int]:
+    """What names a layer's cache files: its realpath, st_dev and st_ino."""
+    st = os.fstat(root_fd)
+    return (os.path.realpath(path), st.st_dev, st.st_ino)
+
+
+def _file_for(cache_dir: str, key: object, suffix: str) -> str:
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:40]
+    return os.path.join(cache_dir, digest + suffix)
+
+
 def identity(st: os.stat_result) -> Identity:
     return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -151,14 +162,12 @@ class LayerCache:
 
     def __init__(self, cache_dir: str, layer_path: str, root_fd: int,
                  lstat: Callable[[bytes], os.stat_result]) -> None:
-        st = os.fstat(root_fd)
         # the layer's own lstat of a path (`Branch.lstat`: by name from the parent's fd, never
         # through a symlink, never cached)
         self._lstat = lstat
-        self.key = (os.path.realpath(layer_path), st.st_dev, st.st_ino)
-        digest = hashlib.sha256(repr(self.key).encode()).hexdigest()[:40]
+        self.key = layer_key(layer_path, root_fd)
         self.cache_dir = cache_dir
-        self.path = os.path.join(cache_dir, f"{digest}.layer")
+        self.path = _file_for(cache_dir, self.key, ".layer")
         self._loaded: dict[bytes, _Dir] | None = None  # the file, read on first use
         self._checked: set[bytes] = set()  # loaded records found current in this mount
         self._learnt: dict[bytes, _Learnt] = {}  # new this mount (to be written)
@@ -302,12 +311,7 @@ def _read(path: str, key: tuple[str, int, int], touch: bool = False
 def index_path(cache_dir: str, lowers: Sequence[tuple[str, int]]) -> str:
     """Where `lowerindex=auto` keeps the index of the stack LOWERS ((path, root fd) top-first):
     named after every layer's realpath, st_dev and st_ino, in order."""
-    key = []
-    for path, fd in lowers:
-        st = os.fstat(fd)
-        key.append((os.path.realpath(path), st.st_dev, st.st_ino))
-    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:40]
-    return os.path.join(cache_dir, f"{digest}.index")
+    return _file_for(cache_dir, [layer_key(path, fd) for path, fd in lowers], ".index")
 
 
 def trusted_file(path: str) -> bool:
