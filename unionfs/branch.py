@@ -61,6 +61,10 @@ class LayerKnowledge(Protocol):
     def learn_dir_info(self, rel: bytes, st: os.stat_result,
                        info: tuple[bool, bytes | None]) -> None: ...
 
+    def stat_by_handle(self, rel: bytes) -> os.stat_result | None: ...
+
+    def learn_handle(self, rel: bytes, dir_fd: int, name: bytes) -> None: ...
+
 CACHE_MAX = 1 << 18  # entries per read-only-branch cache before it starts over
 # lstat results of lower objects, kept packed (`statpack`: about 200 bytes each with the path,
 # an os.stat_result alone is 650): a working set, not one per object ever seen, so the server's
@@ -208,10 +212,29 @@ class Branch:
                 return known
             if len(self._stats) >= self.stats_max:
                 self._stats.clear()
-            st = self._stat(rel)
+            st = self._stat_lower(rel)
             self._stats[rel] = pack(st)
             return st
         return self._stat(rel)
+
+    def _stat_lower(self, rel: bytes, pfd: int | None = None) -> os.stat_result:
+        """lstat of REL of this read-only branch, read live: through the file handle its lower
+        cache kept (the inode alone, not the directory that names it), else by name from the
+        parent directory's fd (PFD if the caller has it open), the handle then learnt."""
+        known = self.known
+        if known is not None:
+            st = known.stat_by_handle(rel)
+            if st is not None:
+                return st
+        parent, name = split(rel)
+        if not name:
+            return os.fstat(self.fd)
+        if pfd is None:
+            pfd = self.dir_fd(parent)
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        if known is not None and not stat.S_ISDIR(st.st_mode):
+            known.learn_handle(rel, pfd, name)
+        return st
 
     def lstat(self, rel: bytes) -> os.stat_result:
         """lstat of REL asked of the branch itself, never cached nor read from an index (what a
@@ -237,8 +260,7 @@ class Branch:
         try:
             for n in todo:
                 try:
-                    self._stats[join(rel, n)] = pack(os.stat(n, dir_fd=fd,
-                                                             follow_symlinks=False))
+                    self._stats[join(rel, n)] = pack(self._stat_lower(join(rel, n), fd))
                 except OSError:
                     pass
         finally:

@@ -417,6 +417,12 @@ class BranchView:
                        info: tuple[bool, bytes | None]) -> None:
         pass
 
+    def stat_by_handle(self, rel: bytes) -> os.stat_result | None:
+        return None  # (`stat` serves the index's attributes where the check vouches for them)
+
+    def learn_handle(self, rel: bytes, dir_fd: int, name: bytes) -> None:
+        pass
+
 
 def load(path: str, branches: Sequence[Branch], first: int, check: str = "dirs"
          ) -> LowerIndex:

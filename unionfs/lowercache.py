@@ -17,15 +17,29 @@ answer. The identity is taken before the directory is read, so a change racing t
 the record stale rather than wrong. Not cached (always read live): directories whose files may
 carry xattr whiteouts (`opaque=x`): a file's xattr does not change its directory.
 
+Attributes are never cached (a file changed in place changes no directory), but where the
+server may open objects by file handle (CAP_DAC_READ_SEARCH: root, not a user namespace's), a
+directory's record also keeps the handle of each non-directory the mount stat'ed there
+(`stat_by_handle`, `learn_handle`). The next mount stats such a name by opening its handle
+(O_PATH) and fstat'ing it: the attributes are read live from the inode, but the directory block
+that maps the name to it is not read (in a deep stack the names of one directory are scattered
+over as many layer directories, each a block of its own). A handle is used only while its
+directory's record is current: an unchanged directory maps each name to the same inode, and a
+handle names that inode (a removed one is ESTALE, then the name is stat'ed as before).
+Directories are always stat'ed by name: opening a directory's handle reconnects it to the tree,
+which costs more than the lookup it saves.
+
 Files: `<sha256 of the layer's realpath, st_dev, st_ino>.layer`, marshal of (MAGIC, VERSION,
 (realpath, st_dev, st_ino), dirs) with dirs: rel -> (st_ino, mtime_ns, ctime_ns, listing or
-None, (opaque, redirect) or None); a listing is ({name: Kind value}, hidden names, opaque
-marker). Written at unmount and whenever the server sheds its caches (`Union.shrink`), merged
-over what other mounts wrote meanwhile, through a temporary file renamed into place. A file
-that is not ours (owner, permissions), of another version, for another layer or unreadable is
-ignored. Only the owner of the cache directory reads it (created 0700): the files are trusted
-input. A mount that reads a file marks it used (its mtime, at most once a day); files no mount
-used for 30 days (layers deleted since, most likely) are removed at unmount (`prune`).
+None, (opaque, redirect) or None, {name: file handle} or None); a listing is ({name: Kind
+value}, hidden names, opaque marker). Written at unmount and whenever the server sheds its
+caches (`Union.shrink`), merged over what other mounts wrote meanwhile, through a temporary file
+renamed into place. A file that is not ours (owner, permissions), of another version, for
+another layer or unreadable is ignored. Only the owner of the cache directory reads it (created
+0700): the files are trusted input (a planted handle could only show another object's
+attributes: contents are always opened by name). A mount that reads a file marks it used (its
+mtime, at most once a day); files no mount used for 30 days (layers deleted since, most likely)
+are removed at unmount (`prune`).
 
 `lowerindex=auto` keeps a whole stack's lower index (`layerindex`) in the same directory,
 `<sha256 of every layer's realpath, st_dev, st_ino>.index`: a mount that finds none (or a stale
@@ -44,23 +58,27 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from . import sys_linux as sl
+from .branch import split
 from .core.readdir import Listing
 from .core.resolve import BranchEntry, Kind
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"unionfs-lowercache"
-VERSION = 1
+VERSION = 2
 UNUSED_DAYS = 30  # a layer's file no mount read for this long is removed (`prune`)
 TOUCH_AFTER = 86400  # a file read by a mount gets a new mtime when its own is older than this
 
 # (st_ino, mtime_ns, ctime_ns)
 Identity = tuple[int, int, int]
 _Enc = tuple[dict[bytes, int], tuple[bytes, ...], bool]
-_Dir = tuple[int, int, int, "_Enc | None", "tuple[bool, bytes | None] | None"]
+_Handles = dict[bytes, bytes]  # name -> file handle (`sys_linux.name_to_handle_at`)
+_Dir = tuple[int, int, int, "_Enc | None", "tuple[bool, bytes | None] | None", "_Handles | None"]
 # learnt in this mount: the listing kept as the branch's own object (shared with its cache, no
 # copy) until it is written
-_Learnt = tuple[int, int, int, "Listing | _Enc | None", "tuple[bool, bytes | None] | None"]
+_Learnt = tuple[int, int, int, "Listing | _Enc | None", "tuple[bool, bytes | None] | None",
+                _Handles]
 
 _KINDS = {k.value: k for k in Kind}
 _ENTRY = {k.value: BranchEntry(k) for k in Kind}
@@ -139,10 +157,14 @@ def _valid_dirs(value: Any) -> bool:
     if not isinstance(value, dict):
         return False
     for rel, d in value.items():
-        if not (isinstance(rel, bytes) and isinstance(d, tuple) and len(d) == 5
+        if not (isinstance(rel, bytes) and isinstance(d, tuple) and len(d) == 6
                 and all(isinstance(x, int) for x in d[:3])):
             return False
-        lst, info = d[3], d[4]
+        lst, info, handles = d[3], d[4], d[5]
+        if handles is not None and not (
+                isinstance(handles, dict)
+                and all(isinstance(n, bytes) and isinstance(h, bytes) for n, h in handles.items())):
+            return False
         if lst is not None and not (
                 isinstance(lst, tuple) and len(lst) == 3 and isinstance(lst[0], dict)
                 and all(isinstance(n, bytes) and v in _KINDS for n, v in lst[0].items())
@@ -165,6 +187,7 @@ class LayerCache:
         # the layer's own lstat of a path (`Branch.lstat`: by name from the parent's fd, never
         # through a symlink, never cached)
         self._lstat = lstat
+        self._root_fd = root_fd
         self.key = layer_key(layer_path, root_fd)
         self.cache_dir = cache_dir
         self.path = _file_for(cache_dir, self.key, ".layer")
@@ -173,6 +196,10 @@ class LayerCache:
         self._learnt: dict[bytes, _Learnt] = {}  # new this mount (to be written)
         self._stale: dict[bytes, Identity] = {}  # loaded records found stale (to be removed)
         self.hits = 0  # directories answered from the file (tests and stats)
+        self.handle_stats = 0  # objects stat'ed through a kept file handle (tests and stats)
+        # opening by handle: None = not tried yet, else (fd of the layer's root that is not
+        # O_PATH, mount id of the layer's root) or False where the server may not
+        self._opener: tuple[int, int] | bool | None = None
 
     # --- reading (LayerKnowledge) ---------------------------------------------------------
     def _record(self, rel: bytes) -> _Dir | None:
@@ -210,6 +237,84 @@ class LayerCache:
     def stat(self, rel: bytes) -> os.stat_result | None:
         return None  # attributes are always read live
 
+    # --- file handles ----------------------------------------------------------------------
+    def _handles_of(self, rel: bytes) -> _Handles | None:
+        """The handles kept for directory REL if its record is current in this mount."""
+        d = self._learnt.get(rel)
+        if d is not None:
+            return d[5]
+        loaded = self._record(rel)
+        return loaded[5] if loaded is not None else None
+
+    def _open_handles(self) -> tuple[int, int] | None:
+        if self._opener is None:
+            self._opener = False
+            fd = -1
+            try:
+                # may this server open by handle here? Try with the layer's root
+                handle, mount_id = sl.name_to_handle_at(self._root_fd, b"", sl.AT_EMPTY_PATH)
+                fd = sl.openat2(self._root_fd, b".", os.O_RDONLY | os.O_DIRECTORY)
+                os.close(sl.open_by_handle_at(fd, handle, os.O_PATH))
+                self._opener, fd = (fd, mount_id), -1
+            except OSError as e:
+                log.debug("%s: no file handles (%s)", self.key[0], e.strerror)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        return self._opener if isinstance(self._opener, tuple) else None
+
+    def stat_by_handle(self, rel: bytes) -> os.stat_result | None:
+        """The lstat of non-directory REL, read through the file handle kept for it (the
+        inode alone, not the directory that names it); None without one."""
+        parent, name = split(rel)
+        handles = self._handles_of(parent)
+        handle = handles.get(name) if handles else None
+        if handle is None:
+            return None
+        opener = self._open_handles()
+        if opener is None:
+            return None
+        try:
+            fd = sl.open_by_handle_at(opener[0], handle, os.O_PATH)
+        except OSError:
+            return None  # (ESTALE: the name is stat'ed, its new handle learnt)
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        self.handle_stats += 1
+        return st
+
+    def learn_handle(self, rel: bytes, dir_fd: int, name: bytes) -> None:
+        """Keep the handle of non-directory REL (NAME in the directory open as DIR_FD) when its
+        directory's record is current."""
+        parent = split(rel)[0]
+        d: _Learnt | _Dir | None = self._learnt.get(parent)
+        if d is None:
+            if parent not in self._checked or self._loaded is None:
+                return  # no record vouched for in this mount to keep it with
+            d = self._loaded.get(parent)
+            if d is None:
+                return
+        opener = self._open_handles()
+        if opener is None:
+            return
+        try:
+            handle, mount_id = sl.name_to_handle_at(dir_fd, name)
+        except OSError:
+            return
+        if mount_id != opener[1]:
+            return  # something mounted over it: not the layer's own
+        if parent not in self._learnt:
+            self._learnt[parent] = (*d[:5], dict(d[5] or {}))
+        self._learnt[parent][5][name] = handle
+
+    def close(self) -> None:
+        """Close the fd opened for file handles (after `save`)."""
+        if isinstance(self._opener, tuple):
+            os.close(self._opener[0])
+        self._opener = None
+
     # --- learning --------------------------------------------------------------------------
     def learn_listing(self, rel: bytes, st: os.stat_result, lst: Listing) -> None:
         self._learn(rel, st, lst, None)
@@ -221,13 +326,15 @@ class LayerCache:
     def _learn(self, rel: bytes, st: os.stat_result, lst: Listing | _Enc | None,
                info: tuple[bool, bytes | None] | None) -> None:
         ident = identity(st)
-        old: _Learnt | None = self._learnt.get(rel)
+        old: _Learnt | _Dir | None = self._learnt.get(rel)
         if old is None and self._loaded is not None:
             old = self._loaded.get(rel)
+        handles: _Handles = {}
         if old is not None and old[:3] == ident:
             lst = lst if lst is not None else old[3]
             info = info if info is not None else old[4]
-        self._learnt[rel] = (*ident, lst, info)
+            handles = dict(old[5] or {})
+        self._learnt[rel] = (*ident, lst, info, handles)
 
     @property
     def dirty(self) -> bool:
@@ -247,9 +354,12 @@ class LayerCache:
                 d = dirs.get(rel)
                 if d is not None and d[:3] == ident:
                     del dirs[rel]
-            for rel, (ino, mtime, ctime, lst, info) in self._learnt.items():
+            for rel, (ino, mtime, ctime, lst, info, handles) in self._learnt.items():
                 enc = _encode(lst) if isinstance(lst, Listing) else lst
-                dirs[rel] = (ino, mtime, ctime, enc, info)
+                was = dirs.get(rel)
+                if was is not None and was[:3] == (ino, mtime, ctime) and was[5]:
+                    handles = {**was[5], **handles}  # what another mount learnt meanwhile
+                dirs[rel] = (ino, mtime, ctime, enc, info, handles or None)
             write_atomically(self.path, marshal.dumps((MAGIC, VERSION, self.key, dirs)),
                              0o600, durable=False)  # (a cache: a lost file is read again)
         except OSError as e:

@@ -175,7 +175,8 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         request loop in use, and its spin: microseconds polled for the next request before
         sleeping, how many waits found one that way (hits), how many went to sleep after it
         (misses) and how many slept at once, the recent requests having come too late (skips);
-        and how many lower directories the lower cache answered (`lowercache_hits`), and
+        how many lower directories the lower cache answered (`lowercache_hits`) and how many
+        lower objects it stat'ed through their kept file handles (`lowercache_handle_stats`), and
         whether a lower index is in use."""
         ru = resource.getrusage(resource.RUSAGE_SELF)
         hits, misses, skips = pyfuse3.spin_stats() if self.spin_us else (0, 0, 0)
@@ -186,6 +187,7 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
                 "spin_us": self.spin_us, "spin_hits": hits, "spin_misses": misses,
                 "spin_skips": skips,
                 "lowercache_hits": sum(c.hits for c in self.union.lcaches),
+                "lowercache_handle_stats": sum(c.handle_stats for c in self.union.lcaches),
                 "lowerindex": self.union.lindex is not None}
 
     # --- translation helpers ---------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Linux system calls that the os module lacks: openat2, renameat2, FICLONE, fallocate, helpers.
+"""Linux system calls that the os module lacks: openat2, renameat2, FICLONE, fallocate, file
+handles (name_to_handle_at, open_by_handle_at), helpers.
 
 Each wrapper raises OSError with the kernel's errno, like the os module does.
 """
@@ -10,6 +11,7 @@ import ctypes.util
 import fcntl
 import os
 import platform
+import struct
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -93,3 +95,37 @@ def malloc_trim() -> None:
     trim = getattr(_libc, "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+AT_EMPTY_PATH = 0x1000
+MAX_HANDLE_SZ = 128
+_HANDLE_HEAD = struct.Struct("=Ii")  # struct file_handle: handle_bytes, handle_type
+
+_name_to_handle_at = _libc.name_to_handle_at
+_name_to_handle_at.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
+                               ctypes.POINTER(ctypes.c_int), ctypes.c_int)
+_open_by_handle_at = _libc.open_by_handle_at
+_open_by_handle_at.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int)
+
+
+def name_to_handle_at(dirfd: int, name: bytes, flags: int = 0) -> tuple[bytes, int]:
+    """name_to_handle_at(2): the file handle of NAME in DIRFD (a symlink itself, never what it
+    points to; with AT_EMPTY_PATH and NAME b"", DIRFD's own) as the bytes of a struct
+    file_handle, and the id of the mount it was found on."""
+    buf = ctypes.create_string_buffer(_HANDLE_HEAD.size + MAX_HANDLE_SZ)
+    _HANDLE_HEAD.pack_into(buf, 0, MAX_HANDLE_SZ, 0)
+    mount_id = ctypes.c_int()
+    if _name_to_handle_at(dirfd, name, buf, ctypes.byref(mount_id), flags) < 0:
+        _raise(name)
+    size = _HANDLE_HEAD.unpack_from(buf, 0)[0]
+    return buf.raw[:_HANDLE_HEAD.size + size], mount_id.value
+
+
+def open_by_handle_at(mount_fd: int, handle: bytes, flags: int) -> int:
+    """open_by_handle_at(2): open the object HANDLE (from `name_to_handle_at`) names on the
+    file system of MOUNT_FD (not an O_PATH fd). Needs CAP_DAC_READ_SEARCH; ESTALE once the
+    object is gone."""
+    fd = _open_by_handle_at(mount_fd, handle, flags | os.O_CLOEXEC)
+    if fd < 0:
+        _raise()
+    return int(fd)

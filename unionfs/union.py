@@ -303,6 +303,8 @@ class Union:
             except OSError:
                 pass
         self.handles.clear()
+        for cache in self.lcaches:
+            cache.close()
         for b in self.branches:
             b.close()
         if self.work_fd >= 0:

@@ -42,9 +42,16 @@ def _union(lowers: list[Path], upper: Path | None, work: Path | None,
                         lowerindex=str(index) if index else None, lowerindex_check=check))
 
 
+def _attrs(st: os.stat_result) -> tuple[int, ...]:
+    """An lstat's fields but the access time (which reading moves)."""
+    return (st.st_dev, st.st_ino, st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_size,
+            st.st_rdev, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _view(u: Union, paths: list[bytes]) -> dict[bytes, object]:
     """What the engine answers for every path: resolution, branch paths, whether a removal
-    would need a whiteout, and the merged listing of directories."""
+    would need a whiteout, the attributes of the object in the top branch holding it, and the
+    merged listing of directories."""
     out: dict[bytes, object] = {}
     for p in paths:
         found = u._walk(p)
@@ -53,9 +60,12 @@ def _view(u: Union, paths: list[bytes]) -> dict[bytes, object]:
             continue
         parent, name, res, bpaths = found
         _res, entries, _ = u._resolve(parent, name)
+        top = res.branches[0] if res.branches else None
         item: tuple[object, ...] = (res.kind, res.branches,
                                     {b: bpaths[b] for b in res.branches},
-                                    lower_exists(entries))
+                                    lower_exists(entries),
+                                    None if top is None else
+                                    _attrs(u.branches[top].stat(bpaths[top])))
         if res.kind is Kind.DIR:
             node, _st = u._node_for(parent, name, res, bpaths, register=False)
             item += (node.lowers, [(m.name, m.branch, m.is_dir) for m in u.merged(node)])

@@ -31,6 +31,7 @@ from tests.helpers.mounts import Mount, mounted
 from tests.unionfs.test_layerindex import _Probes as _Reads
 from tests.unionfs.test_layerindex import _traced_lookup, _view
 from unionfs import cli, lowercache
+from unionfs import sys_linux as sl
 from unionfs import union as union_mod
 from unionfs.config import Config
 from unionfs.union import Union
@@ -80,6 +81,7 @@ def _compare(stack: Stack, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(files) == len(dirs.lowers), files
     with monkeypatch.context() as m:
         reads = _Reads(m)
+        seen = _ByName(m)
         cached = _view_of(dirs.lowers, dirs.upper, dirs.work, cache, paths)
     for p in paths:
         assert learnt[p] == want[p], f"{p!r}: learning {learnt[p]}, probing {want[p]}"
@@ -87,9 +89,14 @@ def _compare(stack: Stack, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert reads.infos == [], f"opaque/redirect read again: {reads.infos}"
     again = [r for r in reads.scans if not _xwhiteout_dir(*r)]
     assert again == [], f"lower directories read again despite the cache: {again}"
+    # lower files the first mount stat'ed are stat'ed through their handles (outside the
+    # uncached directories), and with the same attributes (in the views)
+    named = [rel for rel in seen.named
+             if not any(_xwhiteout_dir(str(p), rel.rpartition(b"/")[0]) for p in dirs.lowers)]
+    assert named == [], f"stat'ed by name again despite a kept handle: {named}"
 
 
-@pytest.mark.skipif(not ROOT, reason="trusted.* xattrs and mknod need root")
+@pytest.mark.skipif(not ROOT, reason="trusted.* xattrs and mknod need root (and file handles)")
 @diff_settings(40)
 @given(stack=stack_strategy())
 def test_cached_and_holder_answers_are_what_probing_answers(stack: Stack) -> None:
@@ -172,6 +179,130 @@ def _view_ro(lowers: list[Path], cache: Path | None, paths: list[bytes] = PATHS
         return _view(u, paths)
     finally:
         u.close()
+
+
+def _handles(cache: Path) -> dict[str, dict[bytes, dict[bytes, bytes]]]:
+    """The file handles each layer's cache file keeps, per directory."""
+    out = {}
+    for f in cache.glob("*.layer"):
+        data = marshal.loads(f.read_bytes())
+        out[data[2][0]] = {rel: d[5] for rel, d in data[3].items() if d[5]}
+    return out
+
+
+class _ByName:
+    """Counts the lower non-directories stat'ed by name (each then offered to the cache's
+    `learn_handle`) and those stat'ed through a kept handle."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.named: list[bytes] = []
+        self.handled: list[bytes] = []
+        learn, by_handle = lowercache.LayerCache.learn_handle, lowercache.LayerCache.stat_by_handle
+
+        def counted_learn(c: lowercache.LayerCache, rel: bytes, *a):  # type: ignore[no-untyped-def]
+            self.named.append(rel)
+            return learn(c, rel, *a)
+
+        def counted_stat(c: lowercache.LayerCache, rel: bytes):  # type: ignore[no-untyped-def]
+            st = by_handle(c, rel)
+            if st is not None:
+                self.handled.append(rel)
+            return st
+
+        monkeypatch.setattr(lowercache.LayerCache, "learn_handle", counted_learn)
+        monkeypatch.setattr(lowercache.LayerCache, "stat_by_handle", counted_stat)
+
+
+HANDLES = pytest.mark.skipif(not ROOT, reason="opening by file handle needs CAP_DAC_READ_SEARCH")
+
+
+@HANDLES
+def test_lower_files_are_stat_ed_through_kept_handles_with_live_attributes(
+        scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second mount stats the lower files it learnt through their handles, never by name,
+    and gets what lstat gets now: a file changed in place (mode, size, times, links) between
+    mounts shows its new attributes."""
+    lowers = _mkstack(scratch, 3)
+    cache = scratch / "cache"
+    files = [b"d/only0", b"d/only1", b"d/only2"]
+    want = _view_ro(lowers, None)
+    assert _view_ro(lowers, cache) == want  # learns listings and handles
+    kept = _handles(cache)
+    for i, p in enumerate(lowers):
+        assert set(kept[str(p)]) == {b"d"}, kept  # directories' own handles are never kept
+        assert set(kept[str(p)][b"d"]) == {f"only{i}".encode()}
+    with monkeypatch.context() as m:
+        seen = _ByName(m)
+        assert _view_ro(lowers, cache) == want
+    assert sorted(seen.handled) == files and seen.named == []
+    # changed in place: no directory changes, the attributes do
+    time.sleep(0.01)
+    (lowers[1] / "d" / "only1").chmod(0o600)
+    with open(lowers[2] / "d" / "only2", "a") as f:
+        f.write("more")
+    os.link(lowers[0] / "d" / "only0", scratch / "another-name")
+    fresh = _view_ro(lowers, None)
+    assert fresh != want, "the change must show (else the test proves nothing)"
+    with monkeypatch.context() as m:
+        seen = _ByName(m)
+        assert _view_ro(lowers, cache) == fresh
+    assert sorted(seen.handled) == files and seen.named == []
+
+
+@HANDLES
+def test_a_stale_handle_falls_back_to_the_name_and_is_replaced(
+        scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lowers = _mkstack(scratch, 2)
+    cache = scratch / "cache"
+    want = _view_ro(lowers, None)
+    assert _view_ro(lowers, cache) == want
+    # the handle of a file removed since, in place of only0's
+    (scratch / "gone").touch()
+    fd = os.open(scratch, os.O_PATH)
+    try:
+        gone = sl.name_to_handle_at(fd, b"gone")[0]
+    finally:
+        os.close(fd)
+    (scratch / "gone").unlink()
+    (f,) = [f for f in cache.glob("*.layer") if marshal.loads(f.read_bytes())[2][0] ==
+            str(lowers[0])]
+    data = marshal.loads(f.read_bytes())
+    good = data[3][b"d"][5][b"only0"]
+    data[3][b"d"][5][b"only0"] = gone
+    f.write_bytes(marshal.dumps(data))
+    with monkeypatch.context() as m:
+        seen = _ByName(m)
+        assert _view_ro(lowers, cache) == want
+    assert seen.named == [b"d/only0"] and seen.handled == [b"d/only1"]
+    assert _handles(cache)[str(lowers[0])][b"d"][b"only0"] == good  # learnt again
+    with monkeypatch.context() as m:
+        seen = _ByName(m)
+        assert _view_ro(lowers, cache) == want
+    assert seen.named == [] and sorted(seen.handled) == [b"d/only0", b"d/only1"]
+
+
+@HANDLES
+@pytest.mark.skipif(shutil.which("mount") is None, reason="needs mount(8)")
+def test_no_handle_is_kept_for_what_is_mounted_over_a_layer_file(scratch: Path) -> None:
+    """A handle found on another mount than the layer's (a file bind-mounted over one of its
+    names) would be opened on the wrong file system: it is not kept."""
+    lowers = _mkstack(scratch, 2)
+    cache = scratch / "cache"
+    other = Path(tempfile.mkdtemp(prefix="unionfs-bind-", dir="/dev/shm"))
+    try:
+        (other / "f").write_text("from elsewhere")
+        target = lowers[0] / "d" / "only0"
+        subprocess.run(["mount", "--bind", str(other / "f"), str(target)], check=True,
+                       timeout=30)
+        try:
+            _view_ro(lowers, cache)
+        finally:
+            subprocess.run(["umount", "-l", str(target)], check=True, timeout=30)
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+    kept = _handles(cache)
+    assert b"d" not in kept.get(str(lowers[0]), {}), kept
+    assert set(kept[str(lowers[1])][b"d"]) == {b"only1"}  # (the control)
 
 
 def test_untrusted_foreign_and_garbage_files_are_ignored(scratch: Path,
@@ -460,7 +591,8 @@ def test_files_of_layers_unused_for_a_month_are_pruned(scratch: Path) -> None:
                     reason="needs root (to make the user namespace here), unshare and FUSE")
 def test_root_of_a_user_namespace_keeps_the_cache_in_its_home(scratch: Path) -> None:
     """As rootless podman runs its mount program: uid 0 of a user namespace (mapped to one
-    outside uid), HOME the user's. The cache goes to $HOME/.cache/unionfs/layers."""
+    outside uid), HOME the user's. The cache goes to $HOME/.cache/unionfs/layers, without file
+    handles (which only the real root may open)."""
     lowers = _mkstack(scratch, 2)
     home, mnt = scratch / "home", scratch / "mnt"
     home.mkdir()
@@ -481,6 +613,9 @@ def test_root_of_a_user_namespace_keeps_the_cache_in_its_home(scratch: Path) -> 
     assert r.stdout == "1"
     files = list((home / ".cache" / "unionfs" / "layers").glob("*.layer"))
     assert len(files) == 2, files
+    # the host's file system refuses open_by_handle_at to a user namespace's root: the mount
+    # found out at its first try and kept no handle
+    assert _handles(home / ".cache" / "unionfs" / "layers") == {str(p): {} for p in lowers}
 
 
 # --- lowerindex=auto ---------------------------------------------------------------------------
