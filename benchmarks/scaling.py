@@ -133,6 +133,11 @@ def _cached(root: Path, build: Callable[[Path], dict[str, Any]], nlayers: int) -
     return GenStack(root, [root / "layers" / str(i) for i in range(nlayers)], extra)
 
 
+def layer_of(f: int, nlayers: int) -> int:
+    """The layer of `layers_stack` that holds file number F."""
+    return (f * 7919) % nlayers
+
+
 def layers_stack(cache: Path, nlayers: int, nfiles: int) -> GenStack:
     """`nfiles` empty files in directories of 50, spread over `nlayers` layers (every layer has
     every directory, as image layers do)."""
@@ -142,7 +147,7 @@ def layers_stack(cache: Path, nlayers: int, nfiles: int) -> GenStack:
             for d in range(ndirs):
                 (tmp / "layers" / str(i) / f"d{d:04d}").mkdir(parents=True)
         for f in range(nfiles):
-            layer = (f * 7919) % nlayers
+            layer = layer_of(f, nlayers)
             (tmp / "layers" / str(layer) / f"d{f % ndirs:04d}" / f"f{f:06d}").touch()
         return {"ndirs": ndirs, "nfiles": nfiles}
 
@@ -280,6 +285,11 @@ class Scaler:
             yield m
 
 
+FLOOR = "lstat in its layer"
+"""The depth curve's baseline without any union: every name lstat'ed in the layer directory
+that holds it (a missing name in the top layer's), cold, as the union must at least."""
+
+
 def curve_layers(sc: Scaler, lim: Limits) -> list[Curve]:
     look = Curve("layers_lookup", "cold lookup vs lower layers", "lower layers",
                  "us per lookup", "us", slope_unit="us per lookup per added layer")
@@ -289,14 +299,22 @@ def curve_layers(sc: Scaler, lim: Limits) -> list[Curve]:
         gs = layers_stack(sc.cache, nl, lim.layer_files)
         ndirs = int(gs.extra["ndirs"])
         rnd = random.Random(nl)
-        names = [f"d{f % ndirs:04d}/f{f:06d}" for f in
-                 rnd.sample(range(lim.layer_files), min(lim.lookups, lim.layer_files))]
-        names += [f"d{rnd.randrange(ndirs):04d}/missing{k}" for k in range(lim.lookups // 2)]
+        files = rnd.sample(range(lim.layer_files), min(lim.lookups, lim.layer_files))
+        names = [f"d{f % ndirs:04d}/f{f:06d}" for f in files]
+        missing = [f"d{rnd.randrange(ndirs):04d}/missing{k}" for k in range(lim.lookups // 2)]
         listfile = sc.scratch / f"lookups-{nl}.txt"
-        listfile.write_text("\0".join(names))
+        listfile.write_text("\0".join(names + missing))
+        floorfile = sc.scratch / f"lookups-{nl}-floor.txt"
+        floorfile.write_text("\0".join(
+            [str(gs.layers[layer_of(f, nl)] / n)[1:] for f, n in zip(files, names, strict=True)]
+            + [str(gs.layers[0] / n)[1:] for n in missing]))
 
         def one(b: bk.Backend, r: int, gs: GenStack = gs, nl: int = nl,
-                listfile: Path = listfile, n: int = len(names)) -> None:
+                listfile: Path = listfile, floorfile: Path = floorfile,
+                n: int = len(names) + len(missing)) -> None:
+            if b is sc.backends[0]:  # once a round, beside the backends
+                drop_caches()
+                look.add(FLOOR, nl, _timed(py(LOOKUP, floorfile, ""), sc.timeout, True) / n * 1e6)
             with sc.mount(b, gs) as m:
                 drop_caches()
                 t = _timed(py(LOOKUP, listfile, m.mnt), sc.timeout, True)

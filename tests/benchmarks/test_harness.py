@@ -254,13 +254,16 @@ def test_synthetic_dataset_is_cached(bench_cache: Path) -> None:
 def test_lower_cache_backends(bench_cache: Path) -> None:
     """`unionfs` keeps its lower cache in a directory of the run's own (round 1 learns, the
     others read it), `unionfs-autoindex` leaves an index there after its first round, and
-    `unionfs-nocache` keeps nothing; all three measure every point of the depth curve."""
+    `unionfs-nocache` keeps nothing; all three measure every point of the depth curve, and so
+    does its baseline without a union (the names lstat'ed in their own layers)."""
     fs = ["unionfs", "unionfs-nocache", "unionfs-autoindex"]
     _, curves = scaling.run_scaling(fs, ["layers"], "tiny", 2, bench_cache, quiet=True)
+    assert [c.name for c in curves] == ["layers_lookup", "layers_walk"]
     for c in curves:
-        assert set(c.points) == set(fs)
+        assert set(c.points) == set(fs) | ({scaling.FLOOR} if c.name == "layers_lookup" else set())
         for series in c.points.values():
             assert set(series) == set(scaling.LIMITS["tiny"].layer_counts)
+            assert all(v and min(v) > 0 for v in series.values())
     kept = list(bk.lower_cache_dir().iterdir())
     assert any(p.name.endswith(".layer") for p in kept), kept
     # one index per stack (one stack per layer count), built by unionfs-autoindex
