@@ -493,7 +493,9 @@ class Union:
                 node.parent, node.name = parent, name
             else:
                 node.add_name(parent, name)
-            node.upper, node.lowers = upper, lowers
+            node.upper = upper
+            if node.lowers != lowers:  # (an equal tuple is kept: what `_lower_map` made of it
+                node.lowers = lowers  # is keyed by its identity)
         return node, st
 
     # --- lookups and attributes ---------------------------------------------------------

@@ -33,6 +33,7 @@ from tests.unionfs.test_layerindex import _traced_lookup, _view
 from unionfs import cli, lowercache
 from unionfs import sys_linux as sl
 from unionfs import union as union_mod
+from unionfs.branch import Branch
 from unionfs.config import Config
 from unionfs.union import Union
 
@@ -107,6 +108,34 @@ def test_cached_and_holder_answers_are_what_probing_answers(stack: Stack) -> Non
     finally:
         mp.undo()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_directory_looked_up_again_keeps_its_holder_map(scratch: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel looks a directory up again (readdirplus of its parent, a dropped dentry): its
+    node keeps the layers tuple its holder map is keyed by, so the map is not made again from
+    every layer's listing."""
+    lowers = _mkstack(scratch, union_mod.HOLDERS_MIN_LAYERS + 2)
+    u = _union(lowers, None)
+    try:
+        d, _ = u.lookup(1, b"d")
+        u.lookup(d.ino, b"only0")
+        kept = d.lowers
+        assert u._lower_map(d).holders is not None
+        assert u.lookup(1, b"d")[0] is d
+        assert d.lowers is kept
+        listed: list[bytes] = []
+        real = Branch.listing
+
+        def counted(b: Branch, rel: bytes) -> object:
+            listed.append(rel)
+            return real(b, rel)
+
+        monkeypatch.setattr(Branch, "listing", counted)
+        assert u.lookup(d.ino, b"only1")[1].st_size == 1
+        assert listed == [b"d"], listed  # the layer holding only1 only, not all of them
+    finally:
+        u.close()
 
 
 def _mkstack(root: Path, n: int) -> list[Path]:
