@@ -221,14 +221,14 @@ class Branch:
         """lstat of REL of this read-only branch, read live: through the file handle its lower
         cache kept (the inode alone, not the directory that names it), else by name from the
         parent directory's fd (PFD if the caller has it open), the handle then learnt."""
+        parent, name = split(rel)
+        if not name:
+            return os.fstat(self.fd)
         known = self.known
         if known is not None:
             st = known.stat_by_handle(rel)
             if st is not None:
                 return st
-        parent, name = split(rel)
-        if not name:
-            return os.fstat(self.fd)
         if pfd is None:
             pfd = self.dir_fd(parent)
         st = os.stat(name, dir_fd=pfd, follow_symlinks=False)

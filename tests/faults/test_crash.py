@@ -739,6 +739,9 @@ def test_every_crash_point(tmp_path: Path, strace: str, layout: Callable[[Branch
         layout(br)
         m = br.start()
         assert m.server is not None
+        # the same lookups as before the traced operation (the nodes the kernel knows decide
+        # what a copy-up does at once: the other names of a hard link it knows are linked then)
+        assert snapshot(br.mnt) == before
         tracer = _attach(strace, m.server.pid, tmp_path / f"p{k}.trace",
                          f"{name}:signal=KILL:error=EIO:when={nth}")
         child = None
