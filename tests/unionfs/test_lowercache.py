@@ -535,7 +535,8 @@ def _traced_lookup_calls(scratch: Path, lowers: list[Path], name: str, options: 
 def test_mounted_tree_same_from_the_cache(scratch: Path, monkeypatch: pytest.MonkeyPatch
                                          ) -> None:
     """Mounted twice over 6 layers (holder maps on), the second mount answering from the
-    cache (its stats say so): both trees are the one kernel overlayfs shows."""
+    cache and stat'ing the lower files through their kept handles (its stats say so): both
+    trees are the one kernel overlayfs shows."""
     stats = scratch / "stats.json"
     monkeypatch.setenv("UNIONFS_STATS_FILE", str(stats))
     lowers = _mkstack(scratch, 6)
@@ -560,13 +561,17 @@ def test_mounted_tree_same_from_the_cache(scratch: Path, monkeypatch: pytest.Mon
     with mounted("overlay", lowers, None, None, mnt, []):
         want = tree(mnt)
     assert "d/only3" not in want and "d/sub/deep" not in want and want["d/sub/mid"] == "m"
-    hits = []
+    hits, handled = [], []
     for _ in range(2):
         with mounted("unionfs", lowers, None, None, mnt, [f"lowercache={cache}"]) as m:
             assert tree(mnt) == want
-            hits.append(_dump(m, stats)["lowercache_hits"])
+            dump = _dump(m, stats)
+            hits.append(dump["lowercache_hits"])
+            handled.append(dump["lowercache_handle_stats"])
         assert len(list(cache.glob("*.layer"))) == 6
     assert hits[0] == 0 and hits[1] >= 12, hits  # / and d/ of every layer, at least
+    # the files the first mount stat'ed, stat'ed through their handles by the second
+    assert handled[0] == 0 and handled[1] >= len([v for v in want.values() if v]), handled
 
 
 def _dump(m: Mount, path: Path) -> dict[str, Any]:
