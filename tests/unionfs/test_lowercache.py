@@ -28,6 +28,7 @@ from benchmarks.util import catches_signal
 from tests.differential.settings import diff_settings, stack_strategy
 from tests.helpers.layers import PATH_POOL, Stack, materialise
 from tests.helpers.mounts import Mount, mounted
+from tests.helpers.spy import record_calls
 from tests.unionfs.test_layerindex import _Probes as _Reads
 from tests.unionfs.test_layerindex import _traced_lookup, _view
 from unionfs import cli, lowercache
@@ -124,14 +125,7 @@ def test_a_directory_looked_up_again_keeps_its_holder_map(scratch: Path,
         assert u._lower_map(d).holders is not None
         assert u.lookup(1, b"d")[0] is d
         assert d.lowers is kept
-        listed: list[bytes] = []
-        real = Branch.listing
-
-        def counted(b: Branch, rel: bytes) -> object:
-            listed.append(rel)
-            return real(b, rel)
-
-        monkeypatch.setattr(Branch, "listing", counted)
+        listed = record_calls(monkeypatch, Branch, "listing")  # (branch, rel): the paths
         assert u.lookup(d.ino, b"only1")[1].st_size == 1
         assert listed == [b"d"], listed  # the layer holding only1 only, not all of them
     finally:

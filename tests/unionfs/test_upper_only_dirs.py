@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.spy import record_calls
 from tests.unionfs.conftest import in_process_union
 from unionfs import branch as branch_mod
 from unionfs.union import Union
@@ -26,15 +27,7 @@ def union(tmp_path: Path) -> Iterator[Union]:
 
 @pytest.fixture
 def probes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    seen: list[bytes] = []
-    real = branch_mod._exists
-
-    def spy(dirfd: int, name: bytes) -> bool:
-        seen.append(name)
-        return real(dirfd, name)
-
-    monkeypatch.setattr(branch_mod, "_exists", spy)
-    return seen
+    return record_calls(monkeypatch, branch_mod, "_exists")  # (dirfd, name): the names
 
 
 def test_a_file_in_a_new_directory_is_found_without_a_whiteout_probe(
