@@ -305,6 +305,25 @@ def test_a_stale_handle_falls_back_to_the_name_and_is_replaced(
 
 
 @HANDLES
+def test_handles_two_mounts_learn_are_merged(scratch: Path) -> None:
+    """Two mounts of the same layers stat different files of one directory: the cache file
+    keeps both handles, whichever mount writes last."""
+    lowers = _mkstack(scratch, 2)
+    (lowers[0] / "d" / "x").write_text("x")
+    (lowers[0] / "d" / "y").write_text("y")
+    cache = scratch / "cache"
+    _view_ro(lowers, cache, [b"d"])  # the records, without any file's handle
+    a, b = _union(lowers, cache), _union(lowers, cache)
+    try:
+        _view(a, [b"d/x"])
+        _view(b, [b"d/y"])
+    finally:
+        a.close()
+        b.close()
+    assert set(_handles(cache)[str(lowers[0])][b"d"]) == {b"x", b"y"}
+
+
+@HANDLES
 @pytest.mark.skipif(shutil.which("mount") is None, reason="needs mount(8)")
 def test_no_handle_is_kept_for_what_is_mounted_over_a_layer_file(scratch: Path) -> None:
     """A handle found on another mount than the layer's (a file bind-mounted over one of its
