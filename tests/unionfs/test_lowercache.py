@@ -377,7 +377,8 @@ def test_untrusted_foreign_and_garbage_files_are_ignored(scratch: Path,
                 marshal.dumps((data[0], data[1] + 1, *data[2:])),
                 marshal.dumps((data[0], data[1], (data[2][0], data[2][1], data[2][2] + 1),
                                data[3])),
-                marshal.dumps((*data[:3], {b"d": (1, 2, 3, ("bad",), None)}))):
+                marshal.dumps((*data[:3], {b"d": (1, 2, 3, ("bad",), None)})),
+                marshal.dumps((*data[:3], {**data[3], b"d": (*data[3][b"d"][:5], {b"x": 5})}))):
         r = reads_with(lambda bad=bad: files[0].write_bytes(bad))
         assert r.scans != [], bad[:40]
     if ROOT:  # not our file (owned by someone else)
