@@ -106,6 +106,32 @@ def write_atomically(dest: str, data: bytes, mode: int, durable: bool = True) ->
         raise
 
 
+def make_private_dir(path: str) -> None:
+    """Directory PATH, made 0700 if missing, its missing parents 0755, whatever the umask (a
+    FUSE server runs with none, and os.makedirs makes parents with the umask's mode alone)."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    for missing in reversed(_missing(parent)):
+        try:
+            os.mkdir(missing, 0o755)
+        except FileExistsError:
+            pass
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+
+
+def _missing(path: str) -> list[str]:
+    """PATH and its parents that do not exist, deepest first."""
+    out = []
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        out.append(path)
+        path = os.path.dirname(path)
+    return out
+
+
 def default_dir(uid_map: str = "/proc/self/uid_map") -> str | None:
     """The cache directory when `lowercache=` is not given (None: no place to keep it): the
     system's for the real root, the user's otherwise (root of a user namespace included, as
@@ -348,7 +374,7 @@ class LayerCache:
             self._drop()
             return False
         try:
-            os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
+            make_private_dir(self.cache_dir)
             dirs = _read(self.path, self.key) or {}
             for rel, ident in self._stale.items():
                 d = dirs.get(rel)

@@ -315,7 +315,7 @@ class Union:
         """`lowerindex=auto`: index the lower layers for the next mount (the kernel has let go
         of this one; nothing waits for it but the server's exit)."""
         try:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            lowercache.make_private_dir(os.path.dirname(path))
             layerindex.write([b.path for b in self.branches if not b.writable], path, 0o600)
         except (OSError, layerindex.LowerIndexError) as e:
             log.warning("lower index for lowerindex=auto not built: %s", e)

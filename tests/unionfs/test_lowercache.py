@@ -386,6 +386,23 @@ def test_untrusted_foreign_and_garbage_files_are_ignored(scratch: Path,
         assert reads_with(lambda: None).scans != []
 
 
+def test_a_new_cache_directory_is_private_and_its_new_parents_writable_by_no_one_else(
+        scratch: Path) -> None:
+    """The server runs with umask 0: the directories it makes for the cache are 0700 (the
+    cache) and 0755 (its missing parents, e.g. /var/cache/unionfs), never 0777."""
+    lowers = _mkstack(scratch, 1)
+    cache = scratch / "a" / "b" / "layers"
+    old = os.umask(0)
+    try:
+        _view_ro(lowers, cache)  # (written at unmount)
+    finally:
+        os.umask(old)
+    assert list(cache.glob("*.layer"))
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert stat.S_IMODE((scratch / "a" / "b").stat().st_mode) == 0o755
+    assert stat.S_IMODE((scratch / "a").stat().st_mode) == 0o755
+
+
 def test_an_unwritable_cache_directory_costs_nothing_but_the_cache(scratch: Path) -> None:
     lowers = _mkstack(scratch, 2)
     cache = scratch / "cache"
