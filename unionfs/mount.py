@@ -18,6 +18,7 @@ import pyfuse3
 import trio
 
 from .config import Config
+from .lowercache import write_atomically
 from .mountinfo import device_of
 from .ops import (
     UnionOperations,
@@ -61,10 +62,8 @@ def fuse_options(config: Config) -> set[str]:
 def dump_stats(ops: UnionOperations, path: str, seq: int) -> None:
     """Write the request counters atomically: {"pid", "seq", "requests", "bugs", "cpu_s"}."""
     data = {"pid": os.getpid(), "seq": seq, **ops.stats()}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    # 0644 whatever the server's umask (none)
+    write_atomically(path, json.dumps(data).encode(), 0o644, durable=False)
 
 
 async def _serve(ops: UnionOperations, stats_path: str | None, readahead_kib: int = 0,

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -396,6 +397,7 @@ def test_the_request_loop_in_use(stack: Stack, tmp_path: Path, monkeypatch: pyte
         counts = requests(m, stats, [0])
         dumped = json.loads(stats.read_text())
         assert dumped["loop"] == loop
+        assert stat.S_IMODE(stats.stat().st_mode) == 0o644  # (the server's umask is 0)
     assert counts.get("lookup", 0) >= 2
     assert (stack.upper / "g").read_text() == "2"
     # third_party patch item 7: the direct loop calls the handlers' synchronous entry points
