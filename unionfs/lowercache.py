@@ -106,30 +106,16 @@ def write_atomically(dest: str, data: bytes, mode: int, durable: bool = True) ->
         raise
 
 
-def make_private_dir(path: str) -> None:
-    """Directory PATH, made 0700 if missing, its missing parents 0755, whatever the umask (a
+def make_private_dir(path: str, mode: int = 0o700) -> None:
+    """Directory PATH, made MODE if missing, its missing parents 0755, whatever the umask (a
     FUSE server runs with none, and os.makedirs makes parents with the umask's mode alone)."""
     if os.path.isdir(path):
         return
-    parent = os.path.dirname(os.path.abspath(path))
-    for missing in reversed(_missing(parent)):
-        try:
-            os.mkdir(missing, 0o755)
-        except FileExistsError:
-            pass
+    make_private_dir(os.path.dirname(os.path.abspath(path)), 0o755)
     try:
-        os.mkdir(path, 0o700)
+        os.mkdir(path, mode)
     except FileExistsError:
         pass
-
-
-def _missing(path: str) -> list[str]:
-    """PATH and its parents that do not exist, deepest first."""
-    out = []
-    while not os.path.isdir(path) and os.path.dirname(path) != path:
-        out.append(path)
-        path = os.path.dirname(path)
-    return out
 
 
 def default_dir(uid_map: str = "/proc/self/uid_map") -> str | None:
@@ -292,6 +278,8 @@ class LayerCache:
     def stat_by_handle(self, rel: bytes) -> os.stat_result | None:
         """The lstat of non-directory REL, read through the file handle kept for it (the
         inode alone, not the directory that names it); None without one."""
+        if self._opener is False:
+            return None  # (no handle was kept: nothing to load or check for it)
         parent, name = split(rel)
         handles = self._handles_of(parent)
         handle = handles.get(name) if handles else None
@@ -314,6 +302,8 @@ class LayerCache:
     def learn_handle(self, rel: bytes, dir_fd: int, name: bytes) -> None:
         """Keep the handle of non-directory REL (NAME in the directory open as DIR_FD) when its
         directory's record is current."""
+        if self._opener is False:
+            return
         parent = split(rel)[0]
         d: _Learnt | _Dir | None = self._learnt.get(parent)
         if d is None:

@@ -304,6 +304,29 @@ def test_a_stale_handle_falls_back_to_the_name_and_is_replaced(
     assert seen.named == [] and sorted(seen.handled) == [b"d/only0", b"d/only1"]
 
 
+def test_where_handles_cannot_be_opened_nothing_is_loaded_or_kept_for_them(
+        scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that may not open by handle (as rootless ones find out at their first try,
+    tested in a user namespace below) neither loads nor checks a record to look for a handle,
+    and keeps none."""
+    lowers = _mkstack(scratch, 2)
+    cache = scratch / "cache"
+    want = _view_ro(lowers, None)
+    for _ in range(2):  # learning, then from the cache
+        u = _union(lowers, cache)
+        try:
+            for c in u.lcaches:
+                c._opener = False
+            with monkeypatch.context() as m:
+                records = record_calls(m, lowercache.LayerCache, "_record")
+                assert all(c.stat_by_handle(b"d/only0") is None for c in u.lcaches)
+            assert records == []
+            assert _view(u, PATHS) == want
+        finally:
+            u.close()
+        assert _handles(cache) == {str(p): {} for p in lowers}
+
+
 @HANDLES
 def test_handles_two_mounts_learn_are_merged(scratch: Path) -> None:
     """Two mounts of the same layers stat different files of one directory: the cache file
