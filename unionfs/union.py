@@ -197,6 +197,7 @@ class Union:
         self._tmp = itertools.count(1)
         self._nlinks: dict[tuple[int, int], int] = {}
         self._resolutions: dict[Resolution, Resolution] = {}  # one shared object per value
+        self._lower_others: dict[int, Resolution] = {}  # branch -> its OTHER resolution
         self._lower_maps: dict[int, _LowerMap] = {}  # id(node.lowers) -> (`_lower_map`)
         self._peak_nodes = 0  # most inodes the kernel held since the last `shrink`
         self._shrinking = False  # a shrink happened and the kernel has not grown back since
@@ -518,14 +519,18 @@ class Union:
     def lookup_listed(self, parent: Node, entry: MergedEntry) -> tuple[Node, os.stat_result]:
         """`lookup` of ENTRY of PARENT's merged listing (readdirplus looks every entry up).
 
-        A non-directory listed by the upper branch in a directory that merges no lower one
-        resolves to that upper object (nothing below, whiteouts are never listed): it is stat'ed
-        and known at once, without `_resolve` classifying the name again. The listing is as
-        fresh as the name cache (every change drops both)."""
+        A non-directory listed by a lower branch (`_lookup_listed_lower`), or by the upper
+        branch in a directory that merges no lower one (nothing below, whiteouts are never
+        listed), resolves to that object: it is stat'ed and known at once, without `_resolve`
+        classifying the name again. The listing is as fresh as the name cache (every change
+        drops both)."""
         upper = self.upper
         name = entry.name
-        if (entry.is_dir or entry.branch != 0 or parent.lowers or upper is None
-                or (parent.children is not None and name in parent.children)):
+        if entry.is_dir or (parent.children is not None and name in parent.children):
+            return self.lookup(parent.ino, name)
+        if entry.branch != 0 or upper is None:
+            return self._lookup_listed_lower(parent, entry)
+        if parent.lowers:
             return self.lookup(parent.ino, name)
         try:
             st = os.stat(name, dir_fd=upper.dir_fd(parent.path()), follow_symlinks=False)
@@ -538,6 +543,32 @@ class Union:
         parent.children[name] = _UPPER_OTHER
         node, st = self._node_for(parent, name, _UPPER_OTHER, {0: join(parent.path(), name)},
                                   st=st)
+        node.nlookup += 1
+        return node, st
+
+    def _lookup_listed_lower(self, parent: Node, entry: MergedEntry
+                             ) -> tuple[Node, os.stat_result]:
+        """`lookup_listed` of a non-directory a lower branch supplies: the merged listing
+        already chose that branch (no branch above holds, whites out or hides the name), which
+        is what `_resolve` would conclude, so only the object is stat'ed. A hard link (more
+        than one link, with copied-up links recorded) takes the full lookup, which may link
+        its copy here."""
+        b = entry.branch
+        rel = self._lower_map(parent).rels.get(b)
+        if rel is None:
+            return self.lookup(parent.ino, entry.name)
+        path = join(rel, entry.name)
+        st = self.branches[b].stat(path)
+        if st.st_nlink > 1 and self.links:
+            return self.lookup(parent.ino, entry.name)
+        res = self._lower_others.get(b)
+        if res is None:
+            r = Resolution(Kind.OTHER, (b,))
+            res = self._lower_others[b] = self._resolutions.setdefault(r, r)
+        if parent.children is None:
+            parent.children = {}
+        parent.children[entry.name] = res
+        node, st = self._node_for(parent, entry.name, res, {b: path}, st=st)
         node.nlookup += 1
         return node, st
 

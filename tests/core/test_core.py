@@ -72,7 +72,8 @@ def test_resolve_and_merge_agree_with_bottom_up_model(stack: list[Listing]) -> N
         else:
             assert res.kind is Kind.MISSING
     merged = merge(enumerate(stack))
-    assert [m.name for m in merged] == sorted(expected)
+    assert sorted(m.name for m in merged) == sorted(expected)
+    assert len(merged) == len(expected)  # each name once
     for m in merged:
         kind, branches = expected[m.name]
         assert m.is_dir == (kind is Kind.DIR)

@@ -108,11 +108,28 @@ def test_readdirplus_knows_upper_only_entries_without_resolving(
     assert got[b"sub"] is not None and got[b"sub"][2]
 
 
-def test_readdirplus_resolves_entries_of_merged_directories(
-        union: Union, resolved: list[bytes]) -> None:
+def test_readdirplus_takes_lower_files_of_merged_directories_from_the_listing(
+        union: Union, tmp_path: Path, resolved: list[bytes]) -> None:
+    """In a merged directory, a non-directory a lower branch supplies is not resolved again: the
+    merged listing chose its branch. Upper names there (a `.wh.NAME` could matter), directories
+    and hard links (a copied-up link may have to be linked) still are."""
+    low = tmp_path / "l" / "merged"
+    (low / "sub").mkdir()
+    (low / "hl").write_text("x")
+    os.link(low / "hl", low / "hl2")
     m, _ = union.lookup(1, b"merged")
+    fh, _, _ = union.create(m.ino, b"up", 0o644, os.O_WRONLY)
+    union.release(fh)
+    union.copy_up(union.lookup(m.ino, b"hl")[0])  # its other name is now to be linked
+    union._changed(m)
     listing = union.readdir(m.ino)
     resolved.clear()
-    for e in listing.entries:
-        union.lookup_listed(m, e)
-    assert resolved == [b"low"]
+    got = {e.name: union.lookup_listed(m, e) for e in listing.entries}
+    assert set(resolved) == {b"hl", b"hl2", b"sub", b"up"}  # (hl2 twice: resolved, linked)
+    up = tmp_path / "u" / "merged"
+    assert (up / "hl2").stat().st_ino == (up / "hl").stat().st_ino  # linked to hl's copy
+    node, st = got[b"low"]
+    assert not node.is_dir and node.nlookup == 1
+    assert st.st_ino == (low / "low").stat().st_ino
+    assert union.lookup(m.ino, b"low")[0] is node  # the same node as a plain lookup
+    assert node.nlookup == 2

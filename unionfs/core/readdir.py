@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .resolve import HIDDEN, MISSING, BranchEntry, Kind
 
@@ -38,40 +39,44 @@ class Listing:
         return HIDDEN if name in self.hidden else MISSING
 
 
-@dataclass(frozen=True, slots=True)
-class MergedEntry:
+class MergedEntry(NamedTuple):
+    """One name of a merged listing: the branch that supplies it, and whether it is a directory
+    (a tuple: a listing of 100,000 names makes as many, and a frozen dataclass costs twice the
+    time to build)."""
+
     name: bytes
     branch: int
     is_dir: bool
 
 
 def merge(listings: Iterable[tuple[int, Listing]]) -> list[MergedEntry]:
-    """Merge branch listings (top-first) into the union's view of the directory.
+    """Merge branch listings (top-first) into the union's view of the directory, in no
+    particular order (`with_offsets` orders it).
 
     A name supplied by a non-directory in a higher branch hides directories of the same name
     below it, and a directory shown from a higher branch is the one reported; which layers a
     directory merges is `resolve`'s business, not this function's.
     """
     out: list[MergedEntry] = []
-    seen: set[bytes] = set()
-    stopped: set[bytes] = set()
+    append = out.append
+    done: set[bytes] = set()  # names supplied, whited out or hidden by a branch above
+    add = done.add
+    whiteout, directory = Kind.WHITEOUT, Kind.DIR
     for branch, lst in listings:
         for name, e in lst.entries.items():
-            if name in seen or name in stopped:
+            if name in done:
                 continue
-            if e.kind is Kind.WHITEOUT:
-                stopped.add(name)
-                continue
-            seen.add(name)
-            out.append(MergedEntry(name, branch, e.kind is Kind.DIR))
-        stopped.update(lst.hidden)
-    out.sort(key=lambda m: m.name)
+            add(name)
+            kind = e.kind
+            if kind is not whiteout:
+                append(MergedEntry(name, branch, kind is directory))
+        done.update(lst.hidden)
     return out
 
 
 def merged_names(listings: Iterable[tuple[int, Mapping[bytes, BranchEntry]]]) -> list[bytes]:
     """Names only; convenience for tests and emptiness checks."""
-    return [m.name for m in merge((b, Listing(dict(e))) for b, e in listings)]
+    return sorted(m.name for m in merge((b, Listing(dict(e))) for b, e in listings))
 
 
 # offsets 1 and 2 follow "." and ".."; entries' offsets lie above them, within a signed 64-bit off_t
@@ -101,14 +106,20 @@ def with_offsets(entries: Iterable[MergedEntry],
                  offset_of: Callable[[bytes], int] = name_offset) -> OffsetListing:
     """Order ENTRIES by their names' offsets. Two names with the same hash (about one chance in
     2**62 per pair) get consecutive offsets, in name order, so every offset stays unique."""
-    keyed = sorted(((offset_of(e.name), e.name, e) for e in entries), key=lambda t: (t[0], t[1]))
-    offsets: list[int] = []
-    out: list[MergedEntry] = []
+    entries = entries if isinstance(entries, list) else list(entries)
+    if offset_of is name_offset:  # (inlined: every listing of a directory passes here)
+        by_offset = {(hash(e.name) & _OFFSET_MASK) + FIRST_OFFSET: e for e in entries}
+    else:
+        by_offset = {offset_of(e.name): e for e in entries}
+    if len(by_offset) == len(entries):  # no two alike: sorting the offsets alone is enough
+        offsets = sorted(by_offset)
+        return OffsetListing(offsets, [by_offset[o] for o in offsets])
+    keyed = sorted((offset_of(e.name), e.name, e) for e in entries)  # (names are unique)
+    offsets = []
     prev = FIRST_OFFSET - 1
-    for off, _, e in keyed:
+    for off, _, _e in keyed:
         if off <= prev:
-            off = prev + 1
+            off = prev + 1  # pushed up past the one before, in name order
         offsets.append(off)
-        out.append(e)
         prev = off
-    return OffsetListing(offsets, out)
+    return OffsetListing(offsets, [k[2] for k in keyed])
