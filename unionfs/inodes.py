@@ -40,7 +40,9 @@ class Node:
         self.gen = 0  # bumped when the object moves to the upper branch (copy-up)
         self.handles: set[int] | None = None
         self.implicit = 0  # the handle per-inode I/O uses (`Union.inode_handle`), 0 for none
-        self.merged: object | None = None  # cached merged listing (directories)
+        # directories: the cached merged listing, or the number of merged subdirectories when
+        # only that was needed (`Union._subdirs`)
+        self.merged: object | None = None
         # cached resolutions of names in this directory, dropped with `merged` on any change
         self.children: dict[bytes, object] | None = None
         self.aliases: list[tuple[Node, bytes]] | None = None  # other names (hard links)

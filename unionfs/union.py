@@ -54,7 +54,7 @@ from .core.formats import (
     is_private_xattr,
     wh_name,
 )
-from .core.readdir import MergedEntry, OffsetListing, merge, with_offsets
+from .core.readdir import MergedEntry, OffsetListing, count_subdirs, merge, with_offsets
 from .core.resolve import (
     BranchEntry,
     Kind,
@@ -677,7 +677,7 @@ class Union:
         if node.unlinked:
             return 0
         if node.is_dir and (len(node.lowers) + node.upper) > 1:
-            return 2 + sum(1 for m in self.merged(node) if m.is_dir)
+            return 2 + self._subdirs(node)
         if st.st_nlink > 1:
             if not node.upper and node.lowers and self._links_hidden:
                 return self._visible_links(node.lowers[0][0], st.st_ino)
@@ -686,6 +686,19 @@ class Union:
                 if rec is not None:  # names not linked yet count, the record does not
                     return rec.nlink
         return st.st_nlink
+
+    def _subdirs(self, node: Node) -> int:
+        """How many subdirectories merged directory NODE shows: counted once until something
+        changes in it, from its merged listing if it was listed, else from its layers' listings
+        without merging them (a lookup on the way to a name needs the count, not the listing)."""
+        cached = node.merged
+        if isinstance(cached, OffsetListing):
+            return cached.count_subdirs()
+        if isinstance(cached, int):
+            return cached
+        n = count_subdirs((b.index, b.listing(rel)) for b, rel in self.layers(node))
+        node.merged = n
+        return n
 
     def _visible_links(self, branch: int, ino: int) -> int:
         """How many names of a hard-linked lower file the union shows (whiteouts and opaque
@@ -771,9 +784,8 @@ class Union:
     def listing(self, node: Node) -> OffsetListing:
         """The merged listing of a directory node with the offsets readdir hands out."""
         cached = node.merged
-        if cached is not None:
-            assert isinstance(cached, OffsetListing)
-            return cached
+        if isinstance(cached, OffsetListing):
+            return cached  # (else None, or only its subdirectories counted)
         listings = [(b.index, b.listing(rel)) for b, rel in self.layers(node)]
         out = with_offsets(merge(listings))
         node.merged = out

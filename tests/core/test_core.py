@@ -15,7 +15,7 @@ from unionfs.core.formats import (
     opaque_value,
     whiteout_target,
 )
-from unionfs.core.readdir import Listing, merge
+from unionfs.core.readdir import Listing, count_subdirs, merge
 from unionfs.core.resolve import (
     BranchEntry,
     Kind,
@@ -78,6 +78,11 @@ def test_resolve_and_merge_agree_with_bottom_up_model(stack: list[Listing]) -> N
         kind, branches = expected[m.name]
         assert m.is_dir == (kind is Kind.DIR)
         assert m.branch == branches[0]
+
+
+@given(stack_st)
+def test_subdirectories_are_counted_as_merge_shows_them(stack: list[Listing]) -> None:
+    assert count_subdirs(enumerate(stack)) == sum(m.is_dir for m in merge(enumerate(stack)))
 
 
 @given(stack_st)

@@ -194,6 +194,37 @@ async def test_link_counts_of_lower_hard_links_need_no_branch_walk_until_one_is_
     await ops.forget([(f.st_ino, 1)])
 
 
+async def test_link_count_of_a_merged_directory_needs_no_merged_listing(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lookup on the way through a merged directory counts its subdirectories once, from the
+    layers' listings, without merging and ordering the names (a large directory's cost); a
+    listing, once built, is counted instead; a change counts again."""
+    for n in ("a", "b"):
+        (env.lower / "d" / n).mkdir(parents=True)
+    write(env.lower / "d" / "f", b"x")
+    (env.upper / "d" / "c").mkdir(parents=True)
+    (env.upper / "d" / "a").mkdir()
+    ops = env.start()
+    import unionfs.union as union_mod
+    merges: list[int] = []
+    real_merge = union_mod.merge
+    monkeypatch.setattr(union_mod, "merge", lambda ls: merges.append(1) or real_merge(ls))
+    d = await ops.lookup(pyfuse3.ROOT_INODE, b"d", CTX)
+    assert d.st_nlink == 2 + 3  # a, b, c
+    assert (await ops.getattr(d.st_ino, CTX)).st_nlink == 5
+    assert merges == []
+    fh = await ops.opendir(d.st_ino, CTX)
+    assert {e.name for e in ops.union.merged(ops.union.node(d.st_ino))} == {b"a", b"b", b"c", b"f"}
+    assert merges == [1]
+    info = await ops.mkdir(d.st_ino, b"e", 0o755, CTX)
+    assert (await ops.getattr(d.st_ino, CTX)).st_nlink == 6
+    await ops.rmdir(d.st_ino, b"a", CTX)  # (leaves a whiteout: a lower one is below)
+    assert (await ops.getattr(d.st_ino, CTX)).st_nlink == 5
+    assert len(ops.union.merged(ops.union.node(d.st_ino))) == 4  # b, c, e, f
+    await ops.releasedir(fh)
+    await ops.forget([(info.st_ino, 1), (d.st_ino, 1)])
+
+
 async def test_caches_go_when_the_kernel_forgets_most_inodes(env: Env) -> None:
     from unionfs.union import SHRINK_MIN_NODES
     n = SHRINK_MIN_NODES + 100

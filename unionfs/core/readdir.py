@@ -74,6 +74,22 @@ def merge(listings: Iterable[tuple[int, Listing]]) -> list[MergedEntry]:
     return out
 
 
+def count_subdirs(listings: Iterable[tuple[int, Listing]]) -> int:
+    """How many directories `merge` of LISTINGS shows, without merging them: what a merged
+    directory's link count needs, asked far more often than its listing."""
+    done: set[bytes] = set()  # names a branch above supplies, whites out or hides
+    n = 0
+    directory = Kind.DIR
+    for _, lst in listings:
+        entries = lst.entries
+        for name, e in entries.items():
+            if e.kind is directory and name not in done:
+                n += 1
+        done.update(entries)
+        done.update(lst.hidden)
+    return n
+
+
 def merged_names(listings: Iterable[tuple[int, Mapping[bytes, BranchEntry]]]) -> list[bytes]:
     """Names only; convenience for tests and emptiness checks."""
     return sorted(m.name for m in merge((b, Listing(dict(e))) for b, e in listings))
@@ -96,6 +112,12 @@ class OffsetListing:
     offsets: list[int]
     entries: list[MergedEntry]
     prefetched: bool = False  # the executor has read the entries' attributes in one pass
+    subdirs: int = -1  # how many entries are directories (counted when first asked)
+
+    def count_subdirs(self) -> int:
+        if self.subdirs < 0:
+            self.subdirs = sum(1 for e in self.entries if e.is_dir)
+        return self.subdirs
 
     def start(self, offset: int) -> int:
         """Index of the first entry a reader resuming at OFFSET has not seen."""
