@@ -219,14 +219,31 @@ def nlink_model_agrees(sut_nlink: int, oracle: Snap, oracle_view: dict[str, Snap
     return oracle.nlink != shown and sut_nlink == shown
 
 
+def lower_link_counts(layers: list[Path]) -> dict[int, int]:
+    """st_ino -> st_nlink of every hard-linked non-directory in LAYERS (read directly)."""
+    out: dict[int, int] = {}
+    for layer in layers:
+        for root, dirs, files in os.walk(layer):
+            for n in files + dirs:
+                try:
+                    st_ = os.lstat(os.path.join(root, n))
+                except OSError:
+                    continue
+                if not stat.S_ISDIR(st_.st_mode) and st_.st_nlink > 1:
+                    out[st_.st_ino] = st_.st_nlink
+    return out
+
+
 def compare_views(a: dict[str, Snap], b: dict[str, Snap], la: str, lb: str,
                   nlink: bool = True, ghosts_ok: bool = False,
-                  nlink_model: bool = False) -> list[str]:
+                  nlink_model: bool = False,
+                  lower_nlinks: dict[int, int] | None = None) -> list[str]:
     """Differences between two merged views, one line each (empty = equal).
 
     Compared: names, type, permission bits, owner, size (not of directories), sha256, symlink
     target, user.* xattrs, device numbers, and st_nlink of non-directories (`nlink`; with
-    `nlink_model`, `b` being the oracle, as `nlink_model_agrees` documents). Not compared:
+    `nlink_model`, `b` being the oracle, as `nlink_model_agrees` documents, or the count of the
+    SUT's own lower inode, `lower_nlinks`, as overlayfs reports it for a lower file). Not compared:
     st_ino, st_dev, timestamps, directory sizes and link counts (overlayfs reports 1 for merged
     directories). Overlay markers visible in `a` (names or xattrs) are reported.
     """
@@ -248,11 +265,15 @@ def compare_views(a: dict[str, Snap], b: dict[str, Snap], la: str, lb: str,
             fields.append("nlink")
         for f in fields:
             vx, vy = getattr(x, f), getattr(y, f)
-            if f == "nlink" and nlink_model and (nlink_model_agrees(vx, y, b)
-                                                 or vx == visible_names(a, x.ino)):
+            if f == "nlink" and nlink_model and (
+                    nlink_model_agrees(vx, y, b) or vx == visible_names(a, x.ino)
+                    or (lower_nlinks is not None and vx == lower_nlinks.get(x.ino))):
                 # the second: unionfs keeps hard links across copy-up and remounts where
                 # overlayfs' index (and so the oracle's link) is lost; the SUT's count must then
-                # be the number of names it shows for the inode
+                # be the number of names it shows for the inode, or (the third) the count of
+                # the lower inode it shows (unionfs' number for it), which is what overlayfs
+                # reports for those very layers (until a name goes through the mount, unionfs
+                # reports the branch's count: names hidden in the layers above still count)
                 continue
             if vx != vy:
                 if f == "mode":
@@ -892,7 +913,7 @@ class DiffPair:
         self._close_fds()
         a, b = self.merged_views()
         diffs = compare_views(a, b, self.sut.kind, "overlay", ghosts_ok=self.sut_is_kernel,
-                              nlink_model=True)
+                              nlink_model=True, lower_nlinks=lower_link_counts(self.sut.lowers))
         diffs += self._pinned_mtime_diffs(a, b)
         self._selfcontain_hardlinks(self.oracle, b)
         if self.sut_is_kernel:
