@@ -9,7 +9,7 @@ from __future__ import annotations
 import hypothesis.errors
 import pytest
 
-from tests.differential.harness import replay
+from tests.differential.harness import Step, replay
 from tests.helpers.layers import (
     Blob,
     Dir,
@@ -273,29 +273,20 @@ def test_copy_up_links_names_in_nested_directories_copied_up_on_the_way() -> Non
 @pytest.mark.skipif(not kernel_honours_xattr_whiteouts(),
                     reason="kernel overlayfs ignores xattr whiteouts before Linux 6.7")
 @pytest.mark.filterwarnings("ignore:Using `reject` outside")
-def test_rmdir_of_a_one_layer_directory_holding_only_xattr_whiteouts() -> None:
-    # KNOWN DIFFERENCE (README): overlayfs counts the GHOST entry and says ENOTEMPTY; unionfs
-    # shows the directory empty and removes it. The harness ends such an example as invalid
-    # (Hypothesis' reject) instead of failing it; any other rmdir mismatch still fails.
-    stack = Stack([Layer({"d": Dir(), "d/x": Whiteout("xattr")}), Layer({"f": File()})])
+@pytest.mark.parametrize("merged", [False, True], ids=["one-layer", "merged"])
+def test_rmdir_of_a_directory_holding_only_xattr_whiteouts(merged: bool) -> None:
+    # KNOWN DIFFERENCES (README): both sides list the directory empty, yet overlayfs' rmdir says
+    # ENOTEMPTY. In one layer it counts the GHOST entry it lists; merged (found by a long
+    # state-machine run, OCI layers) it counts the xattr whiteout of the upper layer, not a 0/0
+    # one. unionfs removes the directory, as its listing says it may. The harness ends such an
+    # example as invalid (Hypothesis' reject) instead of failing it; any other rmdir mismatch
+    # still fails.
+    below = Layer({"d": Dir()}) if merged else Layer({"f": File()})
+    steps: list[Step] = [("readdir", {"path": "d"}), ("rmdir", {"path": "d"})]
     with pytest.raises(hypothesis.errors.UnsatisfiedAssumption):
-        replay(stack, [("readdir", {"path": "d"}), ("rmdir", {"path": "d"})])
-
-
-@pytest.mark.skipif(not kernel_honours_xattr_whiteouts(),
-                    reason="kernel overlayfs ignores xattr whiteouts before Linux 6.7")
-@pytest.mark.filterwarnings("ignore:Using `reject` outside")
-def test_rmdir_of_a_merged_directory_whose_lower_holds_only_xattr_whiteouts() -> None:
-    # found by a long state-machine run (OCI layers): both mounts list the merged directory
-    # empty, yet overlayfs' rmdir says ENOTEMPTY: it counts the xattr whiteout of the upper
-    # lower layer (not a 0/0 one). KNOWN DIFFERENCE (README): unionfs removes it, as its
-    # listing says it may; the harness ends the example as invalid, as for GHOST entries.
-    stack = Stack([Layer({"c": Dir(), "c/a": Whiteout("xattr")}), Layer({"c": Dir()})])
-    with pytest.raises(hypothesis.errors.UnsatisfiedAssumption):
-        replay(stack, [("readdir", {"path": "c"}), ("rmdir", {"path": "c"})])
-    # the same with a 0/0 whiteout: both remove it
-    replay(Stack([Layer({"c": Dir(), "c/a": Whiteout("chardev")}), Layer({"c": Dir()})]),
-           [("readdir", {"path": "c"}), ("rmdir", {"path": "c"})])
+        replay(Stack([Layer({"d": Dir(), "d/x": Whiteout("xattr")}), below]), steps)
+    if merged:  # the same with a 0/0 whiteout: both remove it
+        replay(Stack([Layer({"d": Dir(), "d/x": Whiteout("chardev")}), below]), steps)
 
 
 def test_link_count_of_a_lower_hard_link_moved_with_its_directory_after_remounts() -> None:
