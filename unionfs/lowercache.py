@@ -190,12 +190,39 @@ def _valid_dirs(value: Any) -> bool:
     return True
 
 
+class Stack:
+    """The layers' caches of one mount. The first load of one layer's file comes with every
+    layer's (at mount: the root directory merges them all), so it asks the kernel to read all
+    of them at once (POSIX_FADV_WILLNEED): the disk then serves them in one batch instead of
+    one file after another (64 files cold: 12-13 ms, with the advice 7-8)."""
+
+    def __init__(self) -> None:
+        self.caches: list[LayerCache] = []
+        self._advised = False
+
+    def advise(self) -> None:
+        if self._advised:
+            return
+        self._advised = True
+        for cache in self.caches:
+            try:
+                fd = os.open(cache.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError:
+                continue  # (none yet; a file that is not ours is refused when read)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+
 class LayerCache:
     """One lower layer's cached directories, for `Branch.known`: what it answers was checked
     against the layer in this mount; what the branch reads is handed back (`learn_*`)."""
 
     def __init__(self, cache_dir: str, layer_path: str, root_fd: int,
-                 lstat: Callable[[bytes], os.stat_result]) -> None:
+                 lstat: Callable[[bytes], os.stat_result], stack: Stack | None = None) -> None:
         # the layer's own lstat of a path (`Branch.lstat`: by name from the parent's fd, never
         # through a symlink, never cached)
         self._lstat = lstat
@@ -212,11 +239,16 @@ class LayerCache:
         # opening by handle: None = not tried yet, else (fd of the layer's root that is not
         # O_PATH, mount id of the layer's root) or False where the server may not
         self._opener: tuple[int, int] | bool | None = None
+        self._stack = stack
+        if stack is not None:
+            stack.caches.append(self)
 
     # --- reading (LayerKnowledge) ---------------------------------------------------------
     def _record(self, rel: bytes) -> _Dir | None:
         """The loaded record of directory REL if it is current (checked once per mount)."""
         if self._loaded is None:
+            if self._stack is not None:
+                self._stack.advise()
             self._loaded = _read(self.path, self.key, touch=True) or {}
         d = self._loaded.get(rel)
         if d is None or rel in self._checked:

@@ -188,9 +188,10 @@ class Union:
         # what the lower layers hold, learnt by earlier mounts (not with an index: it knows)
         self.lcaches: list[LayerCache] = []
         if config.lowercache and self.lindex is None:
+            stack = lowercache.Stack()
             for b in self.branches:
                 if not b.writable:
-                    b.known = cache = LayerCache(config.lowercache, b.path, b.fd, b.lstat)
+                    b.known = cache = LayerCache(config.lowercache, b.path, b.fd, b.lstat, stack)
                     self.lcaches.append(cache)
         self.privileged = os.geteuid() == 0
         self._fh = itertools.count(1)

@@ -476,6 +476,32 @@ def test_shrink_writes_what_was_learnt_and_forgets_it(scratch: Path) -> None:
         u.close()
 
 
+def test_the_first_load_asks_for_every_layer_file_at_once(
+        scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first load of a layer's file (at mount: the root merges every layer) advises the
+    kernel to read every layer's (one batch for the disk), once per mount; the files are still
+    read one at a time, each checked."""
+    lowers = _mkstack(scratch, 3)
+    cache = scratch / "cache"
+    want = _view_ro(lowers, cache)  # learns, writes the files
+    advised = record_calls(monkeypatch, lowercache.os, "posix_fadvise", arg=3)
+    read = record_calls(monkeypatch, lowercache, "_read", arg=0)
+    u = _union(lowers, cache)
+    try:
+        assert advised == [os.POSIX_FADV_WILLNEED] * 3
+        assert _view(u, PATHS) == want
+        assert sorted(read) == sorted(c.path for c in u.lcaches)
+        u.shrink()  # written and forgotten: read again, not advised again
+        assert _view(u, PATHS) == want
+        assert len(advised) == 3 and len(read) == 6
+    finally:
+        u.close()
+    os.unlink(u.lcaches[1].path)  # a layer without a file yet: the others are advised
+    advised.clear()
+    assert _view_ro(lowers, cache) == want
+    assert advised == [os.POSIX_FADV_WILLNEED] * 2
+
+
 def test_no_cache_with_a_lower_index_or_when_off(scratch: Path) -> None:
     from unionfs import layerindex
     lowers = _mkstack(scratch, 2)
