@@ -54,7 +54,7 @@ from .core.formats import (
     is_private_xattr,
     wh_name,
 )
-from .core.readdir import MergedEntry, OffsetListing, count_subdirs, merge, with_offsets
+from .core.readdir import Listing, MergedEntry, OffsetListing, count_subdirs, merge, with_offsets
 from .core.resolve import (
     BranchEntry,
     Kind,
@@ -697,7 +697,7 @@ class Union:
             return cached.count_subdirs()
         if isinstance(cached, int):
             return cached
-        n = count_subdirs((b.index, b.listing(rel)) for b, rel in self.layers(node))
+        n = count_subdirs(self._layer_listings(node))
         node.merged = n
         return n
 
@@ -787,10 +787,13 @@ class Union:
         cached = node.merged
         if isinstance(cached, OffsetListing):
             return cached  # (else None, or only its subdirectories counted)
-        listings = [(b.index, b.listing(rel)) for b, rel in self.layers(node)]
-        out = with_offsets(merge(listings))
+        out = with_offsets(merge(self._layer_listings(node)))
         node.merged = out
         return out
+
+    def _layer_listings(self, node: Node) -> Iterator[tuple[int, Listing]]:
+        """Each branch's listing of directory NODE, top-first (what merging folds)."""
+        return ((b.index, b.listing(rel)) for b, rel in self.layers(node))
 
     def _changed(self, node: Node, *names: bytes) -> None:
         """NAMES in directory NODE changed (all of it when none is given): drop what was cached
