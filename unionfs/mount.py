@@ -15,7 +15,6 @@ import sys
 from collections.abc import Callable
 
 import pyfuse3
-import trio
 
 from .config import Config
 from .lowercache import write_atomically
@@ -64,43 +63,6 @@ def dump_stats(ops: UnionOperations, path: str, seq: int) -> None:
     data = {"pid": os.getpid(), "seq": seq, **ops.stats()}
     # 0644 whatever the server's umask (none)
     write_atomically(path, json.dumps(data).encode(), 0o644, durable=False)
-
-
-async def _serve(ops: UnionOperations, stats_path: str | None, readahead_kib: int = 0,
-                 mountpoint: str = "") -> None:
-    async with trio.open_nursery() as nursery:
-        initialized = trio.Event()
-        ops.on_init = initialized.set
-
-        async def widen_readahead() -> None:
-            # after the kernel applied FUSE_INIT's reply, which caps the window at 128 KiB
-            await initialized.wait()
-            set_readahead(mountpoint, readahead_kib)
-
-        async def watch_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-                async for signum in sigs:
-                    log.info("signal %d: unmounting", signum)
-                    pyfuse3.terminate()
-                    return
-
-        async def dump_on_sigusr1(path: str) -> None:
-            seq = 0
-            with trio.open_signal_receiver(signal.SIGUSR1) as sigs:
-                async for _ in sigs:
-                    seq += 1
-                    try:
-                        dump_stats(ops, path, seq)
-                    except OSError as e:
-                        log.warning("cannot write stats to %s: %s", path, e)
-
-        nursery.start_soon(watch_signals)
-        if readahead_kib:
-            nursery.start_soon(widen_readahead)
-        if stats_path:
-            nursery.start_soon(dump_on_sigusr1, stats_path)
-        await pyfuse3.main(min_tasks=1, max_tasks=1)
-        nursery.cancel_scope.cancel()
 
 
 def spin_time(requested_us: int) -> int:
@@ -264,7 +226,8 @@ def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
         if ops.loop == "direct":
             _serve_direct(ops, stats_path, config.readahead_kib, config.mountpoint)
         else:
-            trio.run(_serve, ops, stats_path, config.readahead_kib, config.mountpoint)
+            from . import trioloop  # (trio is imported only for this loop)
+            trioloop.run(ops, stats_path, config.readahead_kib, config.mountpoint)
     finally:
         try:
             pyfuse3.close(unmount=True)

@@ -7,13 +7,14 @@ Each wrapper raises OSError with the kernel's errno, like the os module does.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import fcntl
 import os
 import platform
 import struct
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# the C library this process already has loaded (ctypes.util.find_library would run ldconfig
+# or search the library path: milliseconds of every start-up)
+_libc = ctypes.CDLL(None, use_errno=True)
 
 _NR = {
     "x86_64": {"openat2": 437, "renameat2": 316},

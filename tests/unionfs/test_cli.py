@@ -275,3 +275,20 @@ def test_fstab_entry(stack: Stack, tmp_path: Path) -> None:
         assert (stack.mnt / "f").read_text() == "from fstab"
     finally:
         unmount(stack.mnt)
+
+
+def test_server_start_imports_only_what_the_default_loop_needs() -> None:
+    """Every mount starts a Python process, so what it imports is start-up time: trio (about
+    50 ms, only the `loop=trio` server needs it), importlib.metadata (pyfuse3's version, 10 ms)
+    and ctypes.util (the C library's name) stay out of the default server's imports. (The
+    patched pyfuse3 imports trio on first use; `loop=trio` is served and tested with real mounts
+    in test_spin.py, test_kernel_caching.py and the unionfs-trio conformance target.)"""
+    code = ("import sys, unionfs.cli, unionfs.mount, pyfuse3; "
+            "print(' '.join(m for m in ('trio', 'importlib.metadata', 'ctypes.util') "
+            "if m in sys.modules)); print(pyfuse3.__version__)")
+    r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                       timeout=30, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr
+    unwanted, version = r.stdout.splitlines()
+    assert unwanted == ""
+    assert version.startswith("3.5.0+unionfs.")
