@@ -485,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"unionfs: {msg}", file=sys.stderr)
 
     try:
-        return run(config, on_error)
+        return run(config, on_error, exit_when_mounted=True)
     except KeyboardInterrupt:
         return 130
     except OSError as e:

@@ -236,8 +236,11 @@ def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
     return ops.bugs
 
 
-def run(config: Config, on_error: Callable[[str], None]) -> int:
-    """Run the server in the foreground or daemonized, as the config says."""
+def run(config: Config, on_error: Callable[[str], None], exit_when_mounted: bool = False) -> int:
+    """Run the server in the foreground or daemonized, as the config says. EXIT_WHEN_MOUNTED:
+    the daemonizing parent (the program `unionfs`) ends at once when the mount is ready,
+    without the interpreter's teardown (about 15 ms of every mount here; nothing of that
+    process is needed, the child serves the mount)."""
     if config.foreground:
         serve(config)
         return 0
@@ -248,6 +251,10 @@ def run(config: Config, on_error: Callable[[str], None]) -> int:
         with os.fdopen(r, "rb") as f:
             msg = f.read()
         if msg == b"ok":
+            if exit_when_mounted:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
             return 0
         os.waitpid(pid, 0)
         on_error(msg.decode(errors="replace").strip() or "the server exited before mounting")
