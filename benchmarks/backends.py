@@ -118,6 +118,9 @@ class Mounted:
     mnt: Path
     pid: int | None = None
     stats_file: Path | None = None
+    # seconds from starting the mount (the server's exec, or mount(8)) until it was mounted;
+    # None where nothing is mounted (native)
+    mount_s: float | None = None
     _seq: int = field(default=0, repr=False)
 
     def sample(self, requests: bool = True) -> Sample:
@@ -236,9 +239,11 @@ class Overlay(Backend):
     def mount(self, stack: Stack, where: Path,
               env: dict[str, str] | None = None) -> Iterator[Mounted]:
         upper, work, mnt = _fresh(where)
+        t0 = time.perf_counter()
         mounts.mount_overlay(stack.layers, upper, work, mnt)
+        took = time.perf_counter() - t0
         try:
-            yield Mounted(self.name, mnt)
+            yield Mounted(self.name, mnt, mount_s=took)
         finally:
             mounts.unmount(mnt)
 
@@ -259,12 +264,14 @@ class FuseServer(Backend):
               env: dict[str, str] | None = None) -> Iterator[Mounted]:
         upper, work, mnt = _fresh(where)
         senv, stats = self.server_env(where, env)
+        t0 = time.perf_counter()
         proc = mounts.start_server(self.argv(stack, upper, work, mnt), mnt,
                                    where / self.log_name, senv, cwd=where)
+        took = time.perf_counter() - t0
         try:
             if stats is not None and not self._stats_handler(proc.pid):
                 stats = None
-            yield Mounted(self.name, mnt, proc.pid, stats)
+            yield Mounted(self.name, mnt, proc.pid, stats, mount_s=took)
         finally:
             mounts.stop_server(proc, mnt)
 

@@ -69,7 +69,7 @@ def wait_mounted(mnt: Path | str, timeout: float = MOUNT_TIMEOUT,
             raise RuntimeError(f"server exited with {proc.returncode} before {mnt} was mounted")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{mnt} not mounted after {timeout}s")
-        time.sleep(0.01)
+        time.sleep(0.002)  # (the benchmark reports how long mounting takes: ms resolution)
 
 
 def mount_overlay(lowers: Sequence[Path], upper: Path | None, work: Path | None, mnt: Path,

@@ -89,6 +89,23 @@ def server_table(res: Results) -> str:
     return render_table(header, rows, right=True)
 
 
+def mount_table(res: Results) -> str:
+    """How long each backend takes to mount (start until mounted; not part of any workload's
+    time), median over every cell's fresh mount, with the ratio to the reference."""
+    rows = []
+    ref = res.mount_median(REFERENCE)
+    for b in res.backends:
+        t = res.mount_median(b)
+        if t is None:
+            continue
+        rows.append([b, fmt_seconds(t), str(res.mount_count(b)),
+                     fmt_ratio(t / ref) if ref and b != REFERENCE else "-"])
+    if not rows:
+        return ""
+    return render_table(["backend", "mount (median)", "mounts", f"ratio to {REFERENCE}"], rows,
+                        right=True)
+
+
 def describe_meta(meta: Mapping[str, Any]) -> str:
     m = meta.get("machine", {})
     lines = [
@@ -119,6 +136,10 @@ def render_text(res: Results) -> str:
     if REFERENCE in res.backends:
         parts += ["", f"ratio of medians to {REFERENCE} (lower is better)",
                   ratio_table(res, REFERENCE)]
+    mt = mount_table(res)
+    if mt:
+        parts += ["", "mounting: from the server's start (mount(8) for overlay) until the mount "
+                  "point is mounted", mt]
     st = server_table(res)
     if st:
         parts += ["", "server CPU time (user+sys, median) per workload", st]

@@ -40,6 +40,7 @@ class Cell:
     errors: list[str] = field(default_factory=list)
     agrees: bool | None = None
     differences: list[str] = field(default_factory=list)
+    mounts: list[float] = field(default_factory=list)  # seconds each round's mount took
 
     @property
     def median(self) -> float | None:
@@ -73,6 +74,14 @@ class Results:
 
     def cell(self, workload: str, backend: str) -> Cell:
         return self.cells[(workload, backend)]
+
+    def mount_median(self, backend: str) -> float | None:
+        """How long mounting took (start until mounted), median over every cell's mounts."""
+        times = [t for (_, b), c in self.cells.items() if b == backend for t in c.mounts]
+        return statistics.median(times) if times else None
+
+    def mount_count(self, backend: str) -> int:
+        return sum(len(c.mounts) for (_, b), c in self.cells.items() if b == backend)
 
     def ratio(self, workload: str, backend: str, reference: str) -> float | None:
         if (workload, reference) not in self.cells:
@@ -129,8 +138,9 @@ def _rotate(items: Sequence[bk.Backend], k: int) -> list[bk.Backend]:
 
 
 def run_cell(backend: bk.Backend, w: Workload, ds: Dataset, stack: bk.Stack, where: Path,
-             check: bool) -> tuple[float, bk.Sample, bk.Sample, Snapshot | None]:
-    """One measurement: fresh mount, setup, cache preparation, the timed command."""
+             check: bool) -> tuple[float, bk.Sample, bk.Sample, Snapshot | None, float | None]:
+    """One measurement: fresh mount, setup, cache preparation, the timed command. Also
+    returns how long the mount took."""
     with backend.mount(stack, where) as m:
         ctx = Ctx(m.mnt, ds)
         timeout = ds.scale.timeout
@@ -153,7 +163,7 @@ def run_cell(backend: bk.Backend, w: Workload, ds: Dataset, stack: bk.Stack, whe
         if w.self_timed:
             elapsed = float(res.stdout.split()[-1])
         snap = snapshot(m.mnt, w.check) if check and w.check else None
-        return elapsed, before, after, snap
+        return elapsed, before, after, snap, m.mount_s
 
 
 def _delta(before: bk.Sample, after: bk.Sample) -> tuple[float | None, dict[str, int] | None]:
@@ -227,13 +237,15 @@ def run_benchmark(opts: RunOptions, log: Callable[[str], None] | None = None) ->
                         cell = res.cell(w.name, b.name)
                         try:
                             with scratch_dir(rundir, f"{b.name}-") as where:
-                                t, before, after, snap = run_cell(b, w, ds, stack, where,
-                                                                  check=r == 0)
+                                t, before, after, snap, mount_s = run_cell(
+                                    b, w, ds, stack, where, check=r == 0)
                         except (BenchError, RuntimeError, OSError, ValueError) as e:
                             cell.errors.append(f"round {r + 1}: {e}")
                             note(f"{w.name} on {b.name} failed: {e}")
                             continue
                         cell.times.append(t)
+                        if mount_s is not None:
+                            cell.mounts.append(mount_s)
                         cpu, reqs = _delta(before, after)
                         if cpu is not None:
                             cell.cpu.append(cpu)

@@ -30,6 +30,7 @@ from benchmarks.trees import (
     snapshot,
     to_unionfs_fuse,
 )
+from benchmarks.util import fmt_seconds
 from benchmarks.workloads import WORKLOADS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,6 +65,9 @@ def test_every_cell_is_measured(smoke: Results, installed_backends: list[str],
             assert len(cell.times) == 1 and cell.times[0] > 0, (w, b)
             if bk.BACKENDS[b].fuse:
                 assert len(cell.cpu) == 1 and cell.cpu[0] >= 0, (w, b)
+            # every mount is timed (native mounts nothing)
+            assert len(cell.mounts) == (0 if b == "native" else 1), (w, b)
+            assert all(0 < t < mounts.MOUNT_TIMEOUT for t in cell.mounts), (w, b)
     # python3 is only in the rootfs dataset: skipped with a reason, not silently
     assert set(smoke.skipped_workloads) == {w.name for w in WORKLOADS} - set(expected)
     assert {"chroot_python_cold", "chroot_python_warm"} <= set(smoke.skipped_workloads)
@@ -104,6 +108,14 @@ def test_table_renders(smoke: Results) -> None:
         assert b in text
     assert "ratio of medians to native" in text
     assert "problems:" not in text, text
+    mounted = [b for b in smoke.backends if b != "native"]
+    if mounted:  # one row per backend that mounts, with its median
+        table = text.split("until the mount point is mounted\n", 1)[1]
+        for b in mounted:
+            t = smoke.mount_median(b)
+            assert t is not None and smoke.mount_count(b) == len(smoke.workloads)
+            assert any(line.split()[:2] == [b, fmt_seconds(t)] for line in table.splitlines()), b
+        assert not any(line.split()[:1] == ["native"] for line in table.splitlines())
 
 
 def test_chart(smoke: Results, tmp_path: Path) -> None:
