@@ -7,7 +7,6 @@ session. SIGTERM, SIGINT and SIGHUP end the loop; the mount is always closed in 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -60,6 +59,8 @@ def fuse_options(config: Config) -> set[str]:
 
 def dump_stats(ops: UnionOperations, path: str, seq: int) -> None:
     """Write the request counters atomically: {"pid", "seq", "requests", "bugs", "cpu_s"}."""
+    import json  # (only the benchmark's stats dump needs it: not imported at every start)
+
     data = {"pid": os.getpid(), "seq": seq, **ops.stats()}
     # 0644 whatever the server's umask (none)
     write_atomically(path, json.dumps(data).encode(), 0o644, durable=False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
-import platform
 import struct
 
 # the C library this process already has loaded (ctypes.util.find_library would run ldconfig
@@ -19,7 +18,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _NR = {
     "x86_64": {"openat2": 437, "renameat2": 316},
     "aarch64": {"openat2": 437, "renameat2": 276},
-}.get(platform.machine(), {"openat2": 437, "renameat2": 316})
+}.get(os.uname().machine, {"openat2": 437, "renameat2": 316})
 
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
