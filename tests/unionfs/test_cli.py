@@ -279,12 +279,15 @@ def test_fstab_entry(stack: Stack, tmp_path: Path) -> None:
 
 def test_server_start_imports_only_what_the_default_loop_needs() -> None:
     """Every mount starts a Python process, so what it imports is start-up time: trio (about
-    50 ms, only the `loop=trio` server needs it), importlib.metadata (pyfuse3's version, 10 ms)
-    and ctypes.util (the C library's name) stay out of the default server's imports. (The
-    patched pyfuse3 imports trio on first use; `loop=trio` is served and tested with real mounts
-    in test_spin.py, test_kernel_caching.py and the unionfs-trio conformance target.)"""
+    50 ms, only the `loop=trio` server needs it), importlib.metadata (pyfuse3's version, 10 ms),
+    ctypes.util (the C library's name), pickle and queue (pyfuse3 needs them only to refuse a
+    pickle and for its first notification), json (the stats dump) and platform stay out of the
+    default server's imports. (The patched pyfuse3 imports trio on first use; `loop=trio` is
+    served and tested with real mounts in test_spin.py, test_kernel_caching.py and the
+    unionfs-trio conformance target.)"""
     code = ("import sys, unionfs.cli, unionfs.mount, pyfuse3; "
-            "print(' '.join(m for m in ('trio', 'importlib.metadata', 'ctypes.util') "
+            "print(' '.join(m for m in ('trio', 'importlib.metadata', 'ctypes.util', "
+            "'pickle', 'queue', 'json', 'platform') "
             "if m in sys.modules)); print(pyfuse3.__version__)")
     r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
                        timeout=30, cwd=Path(__file__).resolve().parents[2])
