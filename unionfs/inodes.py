@@ -16,7 +16,6 @@ life of the mount.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 
 ROOT_INO = 1
 _SHIFT = 48
@@ -89,15 +88,15 @@ class Node:
                 f"upper={self.upper}, lowers={self.lowers})")
 
 
-@dataclass
 class InodeTable:
     """ino -> Node for every node the kernel holds, plus the origin map for stable numbers."""
 
-    nodes: dict[int, Node] = field(default_factory=dict)
-    _devs: dict[int, int] = field(default_factory=dict)
-    _aliases: dict[tuple[int, int], int] = field(default_factory=dict)
-    _spill: dict[tuple[int, int], int] = field(default_factory=dict)
-    _counter: itertools.count[int] = field(default_factory=lambda: itertools.count(1 << 62))
+    def __init__(self) -> None:
+        self.nodes: dict[int, Node] = {}
+        self._devs: dict[int, int] = {}
+        self._aliases: dict[tuple[int, int], int] = {}
+        self._spill: dict[tuple[int, int], int] = {}
+        self._counter = itertools.count(1 << 62)
 
     def number(self, dev: int, ino: int) -> int:
         """Our inode number for the object (dev, ino)."""

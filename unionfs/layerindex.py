@@ -60,7 +60,6 @@ import stat
 import zlib
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from .branch import Branch, join, split
 from .core.readdir import Listing
@@ -235,15 +234,20 @@ def _encode(paths: Sequence[str], branches: Sequence[Branch]) -> bytes:
 
 # --- using -----------------------------------------------------------------------------------
 
-@dataclass(slots=True)
 class _Record:
-    layers: Layers  # branch numbers of this mount
-    names: dict[bytes, tuple[int, ...]]  # lower positions, as in the file
-    rels: dict[int, bytes]  # branch number -> path there
-    attrs: bytes  # packed lstat of every DIR/OTHER entry (zlib), see `_encode`
-    listings: dict[int, Listing] | None = None  # per branch number, made on first use
-    raw: bytes | None = None  # attrs decompressed, on first use
-    slots: dict[bytes, int] | None = None  # name -> slot of its first attributes in raw
+    __slots__ = ("attrs", "layers", "listings", "names", "raw", "rels", "slots")
+
+    def __init__(self, layers: Layers, names: dict[bytes, tuple[int, ...]],
+                 rels: dict[int, bytes], attrs: bytes) -> None:
+        self.layers = layers  # branch numbers of this mount
+        self.names = names  # lower positions, as in the file
+        self.rels = rels  # branch number -> path there
+        self.attrs = attrs  # packed lstat of every DIR/OTHER entry (zlib), see `_encode`
+        # per branch number, made on first use
+        self.listings: dict[int, Listing] | None = None
+        self.raw: bytes | None = None  # attrs decompressed, on first use
+        # name -> slot of its first attributes in raw
+        self.slots: dict[bytes, int] | None = None
 
 
 class LowerIndex:

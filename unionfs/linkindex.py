@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from dataclasses import dataclass
 
 from . import sys_linux as sl
 
@@ -27,17 +26,25 @@ _O_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _KEY = re.compile(rb"([0-9]+)-([0-9a-f]+)-([0-9a-f]+)")
 
 
-@dataclass(slots=True)
 class Pending:
     """A copy whose lower object (BRANCH, DEV, INO) still has names that show it."""
 
-    branch: int
-    dev: int
-    ino: int
-    nlink: int  # the link count the union shows while names are pending (the lower one's)
-    node_ino: int  # our inode number of the copy
-    key: bytes  # the record's name in the index directory
-    copy: tuple[int, int] | None = None  # (st_dev, st_ino) of the copy once it is in place
+    __slots__ = ("branch", "copy", "dev", "ino", "key", "nlink", "node_ino")
+
+    def __init__(self, branch: int, dev: int, ino: int, nlink: int, node_ino: int,
+                 key: bytes) -> None:
+        self.branch = branch
+        self.dev = dev
+        self.ino = ino
+        # the link count the union shows while names are pending (the lower one's)
+        self.nlink = nlink
+        self.node_ino = node_ino  # our inode number of the copy
+        self.key = key  # the record's name in the index directory
+        # (st_dev, st_ino) of the copy once it is in place
+        self.copy: tuple[int, int] | None = None
+
+    def __repr__(self) -> str:
+        return f"Pending(key={self.key!r}, nlink={self.nlink}, copy={self.copy})"
 
 
 def key_of(branch: int, dev: int, ino: int) -> bytes:

@@ -26,7 +26,7 @@ import os
 import stat
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import copyup, layerindex, lowercache
 from . import sys_linux as sl
@@ -88,14 +88,17 @@ HOLDERS_MIN_LAYERS = 4
 LOWER_MAPS_MAX = 1024  # directories whose `_LowerMap` is kept (all dropped when exceeded)
 
 
-@dataclass(slots=True)
 class _LowerMap:
-    """Derived from one `Node.lowers` tuple (`Union._lower_map`)."""
+    """Derived from one `Node.lowers` tuple (`Union._lower_map`). (Plain classes, not
+    dataclasses: see `core.readdir.Listing`.)"""
 
-    lowers: tuple[tuple[int, bytes], ...]  # the tuple itself (keeps its id from being reused)
-    rels: dict[int, bytes]  # lower branch -> path there
-    # name -> the lower branches listing or hiding it, top-first (`_holding_layers`)
-    holders: dict[bytes, tuple[int, ...]] | None = None
+    __slots__ = ("holders", "lowers", "rels")
+
+    def __init__(self, lowers: tuple[tuple[int, bytes], ...], rels: dict[int, bytes]) -> None:
+        self.lowers = lowers  # the tuple itself (keeps its id from being reused)
+        self.rels = rels  # lower branch -> path there
+        # name -> the lower branches listing or hiding it, top-first (`_holding_layers`)
+        self.holders: dict[bytes, tuple[int, ...]] | None = None
 
 
 def _sync(fd: int, datasync: bool) -> None:
@@ -132,17 +135,21 @@ def _has_xattr(fd: int, name: bytes) -> bool:
         return False
 
 
-@dataclass(slots=True)
 class Handle:
-    fd: int
-    node: Node
-    flags: int
-    gen: int
-    writable: bool
+    __slots__ = ("fd", "flags", "gen", "node", "writable")
+
+    def __init__(self, fd: int, node: Node, flags: int, gen: int, writable: bool) -> None:
+        self.fd = fd
+        self.node = node
+        self.flags = flags
+        self.gen = gen
+        self.writable = writable
+
+    def __repr__(self) -> str:
+        return f"Handle(fd={self.fd}, node={self.node!r}, flags={self.flags:#o})"
 
 
-@dataclass(frozen=True, slots=True)
-class Caller:
+class Caller(NamedTuple):
     """Who asks: the credentials new objects are created with."""
 
     uid: int = 0

@@ -16,19 +16,37 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .resolve import HIDDEN, MISSING, BranchEntry, Kind
 
 
-@dataclass(slots=True)
 class Listing:
-    """One branch directory, classified: real entries and whiteouts, plus names it hides below."""
+    """One branch directory, classified: real entries and whiteouts, plus names it hides below.
 
-    entries: dict[bytes, BranchEntry] = field(default_factory=dict)
-    hidden: frozenset[bytes] = frozenset()
-    opaque_marker: bool = False  # holds .wh..wh..opq
+    (Plain classes here and in the engine, not dataclasses: every mount starts a Python
+    process, and the dataclasses module and the classes it generates cost about 14 ms of the
+    server's start-up.)"""
+
+    __slots__ = ("entries", "hidden", "opaque_marker")
+
+    def __init__(self, entries: dict[bytes, BranchEntry] | None = None,
+                 hidden: frozenset[bytes] = frozenset(), opaque_marker: bool = False) -> None:
+        self.entries: dict[bytes, BranchEntry] = {} if entries is None else entries
+        self.hidden = hidden
+        self.opaque_marker = opaque_marker  # holds .wh..wh..opq
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Listing):
+            return NotImplemented
+        return (self.entries, self.hidden, self.opaque_marker) == (
+            other.entries, other.hidden, other.opaque_marker)
+
+    __hash__ = None  # type: ignore[assignment]  # (mutable, as the dataclass was)
+
+    def __repr__(self) -> str:
+        return (f"Listing(entries={self.entries!r}, hidden={self.hidden!r}, "
+                f"opaque_marker={self.opaque_marker!r})")
 
     def entry(self, name: bytes) -> BranchEntry:
         e = self.entries.get(name)
@@ -105,14 +123,19 @@ def name_offset(name: bytes) -> int:
     return (hash(name) & _OFFSET_MASK) + FIRST_OFFSET
 
 
-@dataclass(slots=True)
 class OffsetListing:
     """A merged listing in offset order: `offsets[i]` is the offset after `entries[i]`."""
 
-    offsets: list[int]
-    entries: list[MergedEntry]
-    prefetched: bool = False  # the executor has read the entries' attributes in one pass
-    subdirs: int = -1  # how many entries are directories (counted when first asked)
+    __slots__ = ("entries", "offsets", "prefetched", "subdirs")
+
+    def __init__(self, offsets: list[int], entries: list[MergedEntry]) -> None:
+        self.offsets = offsets
+        self.entries = entries
+        self.prefetched = False  # the executor has read the entries' attributes in one pass
+        self.subdirs = -1  # how many entries are directories (counted when first asked)
+
+    def __repr__(self) -> str:
+        return f"OffsetListing(offsets={self.offsets!r}, entries={self.entries!r})"
 
     def count_subdirs(self) -> int:
         if self.subdirs < 0:

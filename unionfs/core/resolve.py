@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class Kind(enum.Enum):
@@ -26,8 +26,7 @@ class Kind(enum.Enum):
     OTHER = 3
 
 
-@dataclass(frozen=True, slots=True)
-class BranchEntry:
+class BranchEntry(NamedTuple):
     """What one branch directory holds under one name.
 
     ``hides_below``: the branch says the name is whited out in the branches below it (an OCI
@@ -49,8 +48,7 @@ HIDDEN = BranchEntry(Kind.MISSING, hides_below=True)
 WHITEOUT = BranchEntry(Kind.WHITEOUT)
 
 
-@dataclass(frozen=True, slots=True)
-class Resolution:
+class Resolution(NamedTuple):
     """The merged meaning of a name: MISSING, a DIR made of `branches` (top-first), or OTHER
     (a non-directory) held by ``branches[0]``."""
 
