@@ -277,17 +277,25 @@ def test_fstab_entry(stack: Stack, tmp_path: Path) -> None:
         unmount(stack.mnt)
 
 
-def test_server_start_imports_only_what_the_default_loop_needs() -> None:
+def test_server_start_imports_only_what_the_default_loop_needs(tmp_path: Path) -> None:
     """Every mount starts a Python process, so what it imports is start-up time: trio (about
     50 ms, only the `loop=trio` server needs it), importlib.metadata (pyfuse3's version, 10 ms),
     ctypes.util (the C library's name), pickle and queue (pyfuse3 needs them only to refuse a
-    pickle and for its first notification), json (the stats dump), platform and dataclasses
-    (6 ms, and about 0.7 ms per class it generates) stay out of the default server's imports.
+    pickle and for its first notification), json (the stats dump), platform, dataclasses
+    (6 ms, and about 0.7 ms per class it generates) and hashlib (OpenSSL's libcrypto: about
+    20 ms of a cold start; the lower cache's file names are SHA-256 from CPython's own module)
+    stay out of the default server's imports and set-up.
     (The patched pyfuse3 imports trio on first use; `loop=trio` is served and tested with real
     mounts in test_spin.py, test_kernel_caching.py and the unionfs-trio conformance target.)"""
+    (tmp_path / "lower").mkdir()
+    # the imports, then the union's set-up with a lower cache (which names its files)
     code = ("import sys, unionfs.cli, unionfs.mount, pyfuse3; "
+            "from unionfs.union import Union; from unionfs.config import Config; "
+            f"u = Union(Config(lowers=({str(tmp_path / 'lower')!r},), mountpoint='/x', "
+            f"lowercache={str(tmp_path / 'cache')!r})); "
+            "assert u.lcaches and u.lcaches[0].path.endswith('.layer'); u.close(); "
             "print(' '.join(m for m in ('trio', 'importlib.metadata', 'ctypes.util', "
-            "'pickle', 'queue', 'json', 'platform', 'dataclasses') "
+            "'pickle', 'queue', 'json', 'platform', 'dataclasses', 'hashlib') "
             "if m in sys.modules)); print(pyfuse3.__version__)")
     r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
                        timeout=30, cwd=Path(__file__).resolve().parents[2])
