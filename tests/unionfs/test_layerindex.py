@@ -513,6 +513,11 @@ def _traced_lookup(scratch: Path, lowers: list[Path], name: str, options: list[s
     out = scratch / "strace.txt"
     with mounted("unionfs", lowers, None, None, mnt, options) as m:
         assert m.server is not None
+        # the mount root's attributes, which the kernel asks for once per mount, before the
+        # trace: `mounted` only waits for the mount table (its realpath of the mount point
+        # stats the root only if the mount was already there), so otherwise the traced lookup
+        # sometimes carried the root's getattr too (one fstat of the top layer's root)
+        os.stat(mnt)
         tracer = subprocess.Popen(["strace", "-f", "-y", "-qq", "-o", str(out), "-p",
                                    str(m.server.pid)], stderr=subprocess.PIPE)
         try:
