@@ -864,3 +864,25 @@ def test_cache_command(scratch: Path) -> None:
                 ["prune", "--days", "-1"]):
         r = run(*bad, *([] if "-o" in bad else opt))
         assert r.returncode in (1, 2) and r.stderr and not r.stdout, (bad, r)
+
+
+def test_cache_file_names_are_sha256_as_before(tmp_path: Path) -> None:
+    """The files are named by SHA-256 of the layer's key (CPython's own module, not hashlib, at
+    start-up): the names must be what hashlib gives, so the files earlier mounts wrote are
+    still found."""
+    import hashlib
+
+    layer = tmp_path / "l0"
+    layer.mkdir()
+    fd = os.open(layer, os.O_PATH | os.O_DIRECTORY)
+    try:
+        key = lowercache.layer_key(str(layer), fd)
+        name = os.path.basename(lowercache.LayerCache(str(tmp_path / "c"), str(layer), fd,
+                                                      os.lstat).path)
+        index = os.path.basename(lowercache.index_path(str(tmp_path / "c"), [(str(layer), fd)]))
+    finally:
+        os.close(fd)
+    assert name == hashlib.sha256(repr(key).encode()).hexdigest()[:40] + ".layer"
+    assert index == hashlib.sha256(repr([key]).encode()).hexdigest()[:40] + ".index"
+    for data in (b"", b"abc", bytes(range(256)) * 9):
+        assert lowercache._sha256_hex(data) == hashlib.sha256(data).hexdigest()
