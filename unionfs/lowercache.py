@@ -49,7 +49,6 @@ next mount uses it, checked as `lowerindex_check=` says.
 
 from __future__ import annotations
 
-import logging
 import marshal
 import os
 import stat
@@ -61,8 +60,9 @@ from . import sys_linux as sl
 from .branch import split
 from .core.readdir import Listing
 from .core.resolve import BranchEntry, Kind
+from .log import Logger
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)
 
 MAGIC = b"unionfs-lowercache"
 VERSION = 2

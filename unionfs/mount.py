@@ -7,7 +7,6 @@ session. SIGTERM, SIGINT and SIGHUP end the loop; the mount is always closed in 
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -16,6 +15,7 @@ from collections.abc import Callable
 import pyfuse3
 
 from .config import Config
+from .log import Logger, configure
 from .lowercache import write_atomically
 from .mountinfo import device_of
 from .ops import (
@@ -33,7 +33,13 @@ from .ops import (
 )
 from .union import Union
 
-log = logging.getLogger("unionfs")
+log = Logger("unionfs")
+
+# pyfuse3's messages in the format `log.setup` was given (the patched pyfuse3, like `log`,
+# imports logging only when it has something to say)
+_lazy_logger = getattr(getattr(pyfuse3, "_pyfuse3", None), "LazyLogger", None)
+if _lazy_logger is not None:
+    _lazy_logger.before_logging = configure
 
 STATS_ENV = "UNIONFS_STATS_FILE"
 """When set, requests are counted and SIGUSR1 writes them as JSON to this file (benchmarks/)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import logging
 import os
 import resource
 from collections import Counter
@@ -20,9 +19,10 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from .inodes import Node
+from .log import Logger
 from .union import Caller, Union
 
-log = logging.getLogger("unionfs")
+log = Logger("unionfs")
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import gc
 import itertools
-import logging
 import os
 import stat
 from collections import OrderedDict
@@ -67,11 +66,12 @@ from .core.resolve import (
 )
 from .inodes import ROOT_INO, InodeTable, Node
 from .linkindex import LinkIndex, Pending, parse_key
+from .log import Logger
 from .lowercache import LayerCache
 
 WORK_SUBDIR = "work"
 
-log = logging.getLogger("unionfs")
+log = Logger("unionfs")
 
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _PLAIN_DIR = BranchEntry(Kind.DIR)

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.helpers.mounts import fs_type, is_mounted, unmount, wait_mounted
 
@@ -284,22 +286,84 @@ def test_server_start_imports_only_what_the_default_loop_needs(tmp_path: Path) -
     pickle and for its first notification), json (the stats dump), platform, dataclasses
     (6 ms, and about 0.7 ms per class it generates) and hashlib (OpenSSL's libcrypto: about
     20 ms of a cold start; the lower cache's file names are SHA-256 from CPython's own module)
-    stay out of the default server's imports and set-up.
+    stay out of the default server's imports and set-up, and so do logging (about 8 ms: a
+    mount that is not debugging imports it only to emit a warning, see `unionfs.log`) and
+    argparse (4 ms: the forms mount programs use are parsed without it, `parse_simple`).
     (The patched pyfuse3 imports trio on first use; `loop=trio` is served and tested with real
     mounts in test_spin.py, test_kernel_caching.py and the unionfs-trio conformance target.)"""
     (tmp_path / "lower").mkdir()
-    # the imports, then the union's set-up with a lower cache (which names its files)
+    # the imports, the command line as `main` parses it, logging set up as it does, then the
+    # union's set-up with a lower cache (which names its files)
     code = ("import sys, unionfs.cli, unionfs.mount, pyfuse3; "
             "from unionfs.union import Union; from unionfs.config import Config; "
+            "from unionfs import log; "
+            "args, parser = unionfs.cli.parse_args(['-o', 'lowerdir=/a,upperdir=/u', '-f', "
+            "'/mnt']); assert parser is None and args.paths == ['/mnt'], args; "
+            "log.setup(log.WARNING, '%(message)s'); log.Logger('unionfs').debug('x'); "
             f"u = Union(Config(lowers=({str(tmp_path / 'lower')!r},), mountpoint='/x', "
             f"lowercache={str(tmp_path / 'cache')!r})); "
             "assert u.lcaches and u.lcaches[0].path.endswith('.layer'); u.close(); "
             "print(' '.join(m for m in ('trio', 'importlib.metadata', 'ctypes.util', "
-            "'pickle', 'queue', 'json', 'platform', 'dataclasses', 'hashlib') "
-            "if m in sys.modules)); print(pyfuse3.__version__)")
+            "'pickle', 'queue', 'json', 'platform', 'dataclasses', 'hashlib', 'logging', "
+            "'argparse') if m in sys.modules)); print(pyfuse3.__version__)")
     r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
                        timeout=30, cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stderr
     unwanted, version = r.stdout.splitlines()
     assert unwanted == ""
     assert version.startswith("3.5.0+unionfs.")
+
+
+# -- the command line without argparse ----------------------------------------------------------
+
+_TOKENS = ["-o", "-f", "-d", "-fd", "-df", "-of", "-o=x", "-olowerdir=/a", "--", "-", "-5",
+           "-x", "--version", "--help", "-h", "-V", "--fore", "lowerdir=/a,upperdir=/u", "/mnt",
+           "src", ""]
+
+
+def _argparse_result(argv: list[str]) -> object:
+    """What the argparse parser makes of ARGV: an `Args`, or the exit it asks for."""
+    import contextlib
+    import io
+
+    from unionfs import cli
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            ns = cli.build_parser().parse_intermixed_args(argv)
+    except SystemExit as e:
+        return ("exit", e.code)
+    return cli.Args(ns.options, ns.foreground, ns.debug, ns.paths)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(_TOKENS), st.text("ab/=,-. ", max_size=5)),
+                max_size=7))
+def test_simple_parser_agrees_with_argparse(argv: list[str]) -> None:
+    """Whatever `parse_simple` parses, argparse (what `--help` describes) parses the same."""
+    from unionfs import cli
+    simple = cli.parse_simple(argv)
+    if simple is not None:
+        assert _argparse_result(argv) == simple
+
+
+@pytest.mark.parametrize("argv", [
+    ["-o", "lowerdir=/a,upperdir=/u,workdir=/w", "/mnt"],  # podman's mount_program
+    ["-f", "-o", "lowerdir=/a", "-o", "upperdir=/u", "/mnt"],  # mountctl; -o repeated
+    ["overlay", "/mnt", "-o", "rw,lowerdir=/a", "-d"],  # mount(8): source first, intermixed
+])
+def test_simple_parser_takes_what_mount_programs_pass(argv: list[str]) -> None:
+    from unionfs import cli
+    args, parser = cli.parse_args(argv)
+    assert parser is None
+    assert args == _argparse_result(argv)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-V"], ["-o"], ["-olowerdir=/a", "/mnt"],
+                                  ["-fd", "/mnt"], ["-x", "/mnt"], ["-o", "lowerdir=/a"]])
+def test_other_command_lines_go_to_argparse(argv: list[str]) -> None:
+    from unionfs import cli
+    assert cli.parse_simple(argv) is None
+    if argv == ["-olowerdir=/a", "/mnt"]:  # attached values are argparse's to parse
+        args, parser = cli.parse_args(argv)
+        assert parser is not None and args.options == ["lowerdir=/a"]
