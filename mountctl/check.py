@@ -13,23 +13,20 @@ import contextlib
 import os
 import shutil
 import stat
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from mountctl import idmap
 from mountctl import syscalls as sc
 
 
-@dataclass(frozen=True)
-class Fact:
+class Fact(NamedTuple):
     topic: str
     ok: bool
     text: str
 
 
-@dataclass(frozen=True)
-class Report:
+class Report(NamedTuple):
     facts: tuple[Fact, ...]
     mode: str
     can_run: bool
@@ -79,6 +76,7 @@ def probe_userns() -> str:
 
 def probe_overlay(rootless: bool, base: str | None = None) -> str:
     """Mount kernel overlayfs over scratch directories (in a user namespace when rootless)."""
+    import tempfile  # (start-up time: not every command needs it)
     tmp = tempfile.mkdtemp(prefix="mountctl-check-", dir=base)
 
     def attempt() -> None:

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -276,6 +274,7 @@ def cmd_export(store: Store, args: argparse.Namespace) -> int:
         _export_to(store, c, sys.stdout.fileno())
         return 0
     dest = Path(args.file)
+    import tempfile  # (start-up time: not every command needs it)
     fd, tmp = tempfile.mkstemp(prefix=".mountctl-export-", dir=dest.parent or ".")
     try:
         _export_to(store, c, fd)
@@ -303,6 +302,8 @@ def cmd_commit(store: Store, args: argparse.Namespace) -> int:
     base = store.resolve(str(c.record["image_id"]))
 
     def work() -> None:  # export and store in one go, in the container's user namespace
+        import hashlib  # (start-up time: not every command needs them)
+        import tempfile
         fd, tmp = tempfile.mkstemp(prefix=".tmp-commit-", suffix=".tar", dir=store.root)
         try:
             _export_here(store, c, fd)

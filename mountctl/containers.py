@@ -17,18 +17,15 @@ start time) reads as "dead": the process was killed before it could clean up.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import secrets
-import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from mountctl.jsonfile import write_json
 from mountctl.store import Store, StoreError
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -38,17 +35,6 @@ class ContainerError(StoreError):
     """No such container, an ambiguous reference, or a busy container."""
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -68,8 +54,7 @@ def proc_start_time(pid: int) -> int | None:
         return None
 
 
-@dataclass(frozen=True)
-class Container:
+class Container(NamedTuple):
     dir: Path
     record: Mapping[str, Any]
 
@@ -137,7 +122,9 @@ def _ago(seconds: float) -> str:
 
 
 def new_id() -> str:
-    return secrets.token_hex(32)
+    """64 random hex digits (what `secrets.token_hex(32)` gives, without importing secrets:
+    it imports hashlib, which loads OpenSSL's libcrypto at every `run`)."""
+    return os.urandom(32).hex()
 
 
 class Containers:
@@ -195,10 +182,10 @@ class Containers:
                 (d / sub).mkdir(mode=0o755)
             rec = {"id": cid, "name": name or f"c-{cid[:12]}", "image_id": image_id,
                    "image": image, "created": time.time(), "status": "created", **fields}
-            _write_json(d / "container.json", rec)
+            write_json(d / "container.json", rec)
             return Container(d, rec)
 
     def update(self, c: Container, **changes: Any) -> Container:
         rec = {**c.record, **changes}
-        _write_json(c.dir / "container.json", rec)
+        write_json(c.dir / "container.json", rec)
         return Container(c.dir, rec)

@@ -21,16 +21,14 @@ hashed while it is written, giving the layer's diff_id.
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import posixpath
 import stat
 import tarfile
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from unionfs.core.formats import (
     OPAQUE_MARKER,
@@ -53,6 +51,7 @@ MetaLookup = Callable[[Path, str], dict[str, Any] | None]
 class _HashingWriter:
     def __init__(self, out: IO[bytes]) -> None:
         self.out = out
+        import hashlib  # (start-up time: not every command needs it)
         self.hash = hashlib.sha256()
         self.size = 0
 
@@ -115,8 +114,7 @@ def _classify(layer_dir: Path, name: str) -> BranchEntry:
     return BranchEntry(Kind.OTHER, hides_below=hides)
 
 
-@dataclass
-class _Lower:
+class _Lower(NamedTuple):
     """The image's layers (top first), looked up the way the union does."""
 
     layers: tuple[Path, ...]

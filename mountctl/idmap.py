@@ -24,8 +24,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from mountctl import syscalls as sc
 
@@ -37,15 +36,32 @@ class UserNsError(Exception):
     """A user namespace could not be created or mapped (the message says why)."""
 
 
-@dataclass(frozen=True)
 class IdRange:
-    inside: int
-    outside: int
-    count: int
+    """COUNT ids from INSIDE in the namespace are OUTSIDE.. outside it (a line of uid_map).
+    (A value class by hand: a named tuple's `count` field would hide `tuple.count`, and the
+    dataclasses module costs several ms of every mountctl start.)"""
+
+    __slots__ = ("count", "inside", "outside")
+
+    def __init__(self, inside: int, outside: int, count: int) -> None:
+        self.inside = inside
+        self.outside = outside
+        self.count = count
+
+    def _key(self) -> tuple[int, int, int]:
+        return (self.inside, self.outside, self.count)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IdRange) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"IdRange(inside={self.inside}, outside={self.outside}, count={self.count})"
 
 
-@dataclass(frozen=True)
-class IdMap:
+class IdMap(NamedTuple):
     uids: tuple[IdRange, ...]
     gids: tuple[IdRange, ...]
     method: Method

@@ -22,17 +22,14 @@ Every error is an ImageError with a one-line message naming the offending file o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform as _platform
 import posixpath
 import re
 import stat
 import tarfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, NamedTuple
 
 Compression = Literal["none", "gzip", "zstd"]
 ImageFormat = Literal["docker-archive", "oci-layout"]
@@ -66,8 +63,7 @@ class ImageError(Exception):
     """An image archive, manifest, config or layer is malformed, corrupt or unsafe."""
 
 
-@dataclass(frozen=True)
-class LayerRef:
+class LayerRef(NamedTuple):
     """One layer blob of an image, bottom layer first in ImageManifest.layers."""
 
     digest: str | None
@@ -84,11 +80,10 @@ class LayerRef:
     """Size in bytes of the stored (compressed) blob."""
 
 
-@dataclass(frozen=True)
-class ImageManifest:
+class ImageManifest(NamedTuple):
     source: Path
     format: ImageFormat
-    config: dict[str, Any] = field(hash=False)
+    config: dict[str, Any]
     """The decoded image config (treat as read-only)."""
     config_digest: str
     layers: tuple[LayerRef, ...]
@@ -119,6 +114,7 @@ def parse_digest(digest: object, what: str) -> tuple[str, str]:
 
 
 def compute_digest(data: bytes, alg: str = "sha256") -> str:
+    import hashlib  # (only imports need it: it loads OpenSSL's libcrypto)
     return f"{alg}:{hashlib.new(alg, data).hexdigest()}"
 
 
@@ -169,7 +165,7 @@ def normalize_member(name: str, what: str) -> str:
 
 def host_platform() -> str:
     """`linux/<goarch>` of this machine, as OCI platforms spell it."""
-    machine = _platform.machine().lower()
+    machine = os.uname().machine.lower()
     return f"linux/{_GOARCH.get(machine, machine)}"
 
 

@@ -32,20 +32,18 @@ import base64
 import contextlib
 import errno
 import gzip
-import hashlib
 import json
 import os
 import shutil
 import stat
 import tarfile
-import tempfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol, cast
+from typing import IO, Any, NamedTuple, Protocol, cast
 
 from mountctl.image import ImageError, detect_compression, parse_digest
+from mountctl.jsonfile import write_json
 
 Progress = Callable[[int], None]
 """Called with the number of (compressed) bytes read so far from the layer stream."""
@@ -57,8 +55,7 @@ _CHUNK = 1 << 20
 _PRIV_ERRNOS = (errno.EPERM, errno.EACCES, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
 
 
-@dataclass(frozen=True)
-class ExtractResult:
+class ExtractResult(NamedTuple):
     diff_id: str
     path: Path
     meta_path: Path
@@ -127,6 +124,7 @@ class _Hashing:
         self._src = src
         self._head = b""
         self._progress = progress
+        import hashlib  # (start-up time: not every command needs it)
         self.hash = hashlib.sha256()
         self.count = 0
 
@@ -485,20 +483,6 @@ class _Extractor:
                 os.close(fd)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def extract_layer(stream: IO[bytes], store: Path, diff_id: str, *, digest: str | None = None,
                   progress: Progress | None = None,
                   privileged: bool | None = None) -> ExtractResult:
@@ -521,6 +505,7 @@ def extract_layer(stream: IO[bytes], store: Path, diff_id: str, *, digest: str |
     if privileged is None:
         privileged = os.geteuid() == 0
     final.parent.mkdir(parents=True, exist_ok=True)
+    import tempfile  # (start-up time: not every command needs it)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name[:16]}-", dir=final.parent))
     label = f"layer {diff_id}"
     try:
@@ -556,8 +541,8 @@ def extract_layer(stream: IO[bytes], store: Path, diff_id: str, *, digest: str |
             ex.finish()
         finally:
             os.close(root_fd)
-        _write_json_atomic(meta, {"version": META_VERSION, "diff_id": diff_id,
-                                  "privileged": privileged, "entries": ex.records})
+        write_json(meta, {"version": META_VERSION, "diff_id": diff_id,
+                          "privileged": privileged, "entries": ex.records}, mode=0o644)
         try:
             os.rename(tmp, final)
         except OSError as e:

@@ -15,7 +15,6 @@ from the index (a lookup touches no layer); an index of an older format is rebui
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import marshal
 import os
 from collections.abc import Sequence
@@ -23,13 +22,14 @@ from pathlib import Path
 
 from unionfs import layerindex
 from unionfs.branch import Branch
+from unionfs.lowercache import sha256_hex
 
 SUBDIR = "lindex"
 CHECK = "roots"
 
 
 def index_path(store_root: Path, lowers: Sequence[Path]) -> Path:
-    key = hashlib.sha256("\0".join(os.path.realpath(p) for p in lowers).encode()).hexdigest()
+    key = sha256_hex("\0".join(os.path.realpath(p) for p in lowers).encode())
     return store_root / SUBDIR / f"{key}.idx"
 
 

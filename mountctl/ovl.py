@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -115,6 +114,7 @@ def ensure_shim(store_root: Path, layer: Path, xattr_ns: str) -> Path | None:
     base.mkdir(mode=0o755, exist_ok=True)
     if final.exists():
         remove_tree(final)  # made for the other xattr namespace, or incomplete
+    import tempfile  # (start-up time: not every command needs it)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{layer.name[:16]}-", dir=base))
     try:
         needed = build_shim(layer, tmp, xattr_ns)

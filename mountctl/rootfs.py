@@ -23,7 +23,7 @@ import errno
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from mountctl import syscalls as sc
 
@@ -36,8 +36,7 @@ SYSTEM_MOUNTS = ("proc", "dev", "sys", "tmp", "run")
 """Mount points the runner always uses, relative to the container's root."""
 
 
-@dataclass(frozen=True)
-class Bind:
+class Bind(NamedTuple):
     """A bind mount of host path `source` on container path `target`. `optional`: skip it
     when the target cannot be made (e.g. a dangling /etc/resolv.conf symlink in the image)."""
 

@@ -49,10 +49,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 from mountctl import idmap as ids_mod
 from mountctl import lindex, ovl, rootfs
@@ -163,8 +162,7 @@ def _mounted_fs(path: Path) -> str | None:
     return found
 
 
-@dataclass
-class _Union:
+class _Union(NamedTuple):
     kind: str  # "overlay" or "fuse"
     merged: Path
     server: subprocess.Popen[bytes] | None = None
@@ -282,8 +280,7 @@ def mount_union(store: Store, lowers: Sequence[Path], c: Container, driver: str,
 # --------------------------------------------------------------------------- container side
 
 
-@dataclass(frozen=True)
-class _Ctx:
+class _Ctx(NamedTuple):
     """Everything the container side needs, computed before the fork."""
 
     merged: str

@@ -20,8 +20,7 @@ from __future__ import annotations
 import posixpath
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DRIVERS = ("auto", "fuse", "overlay")
@@ -37,15 +36,13 @@ class SpecError(ValueError):
     """A flag or image setting that cannot be run (the message says which, in one line)."""
 
 
-@dataclass(frozen=True)
-class Volume:
+class Volume(NamedTuple):
     source: str
     target: str
     readonly: bool = False
 
 
-@dataclass(frozen=True)
-class RunOptions:
+class RunOptions(NamedTuple):
     """The `run` flags, as typed (nothing interpreted yet)."""
 
     command: tuple[str, ...] = ()
@@ -58,8 +55,7 @@ class RunOptions:
     driver: str = "auto"
 
 
-@dataclass(frozen=True)
-class ContainerSpec:
+class ContainerSpec(NamedTuple):
     argv: tuple[str, ...]
     env: tuple[str, ...]
     """`K=V` strings, unique keys, in first-seen order."""
@@ -77,7 +73,7 @@ class ContainerSpec:
         """The spec with HOME=home added unless the env already sets HOME."""
         if "HOME" in self.env_dict():
             return self
-        return replace(self, env=(*self.env, f"HOME={home}"))
+        return self._replace(env=(*self.env, f"HOME={home}"))
 
     def to_json(self) -> dict[str, Any]:
         return {"argv": list(self.argv), "env": list(self.env), "workdir": self.workdir,
@@ -229,8 +225,7 @@ def build_spec(config_doc: Mapping[str, Any], opts: RunOptions, *, host_env: Map
 # --------------------------------------------------------------------------- users
 
 
-@dataclass(frozen=True)
-class PasswdEntry:
+class PasswdEntry(NamedTuple):
     name: str
     uid: int
     gid: int
@@ -238,15 +233,13 @@ class PasswdEntry:
     shell: str
 
 
-@dataclass(frozen=True)
-class GroupEntry:
+class GroupEntry(NamedTuple):
     name: str
     gid: int
     members: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class Ids:
+class Ids(NamedTuple):
     """A resolved user: what setresuid/setresgid/setgroups get, and HOME."""
 
     uid: int

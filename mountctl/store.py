@@ -26,16 +26,15 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mountctl import layers
 from mountctl.image import compute_digest, normalize_tag, open_source, read_image
 from mountctl.image import short_name as _short
+from mountctl.jsonfile import write_json
 
 ImportProgress = Callable[[int, int], None]
 """Called with (bytes read so far, total bytes) over all layers an import extracts."""
@@ -73,13 +72,12 @@ def resolve_root(option: str | os.PathLike[str] | None = None) -> Path:
     return Path(option) if option else default_root()
 
 
-@dataclass(frozen=True)
-class ImageRecord:
+class ImageRecord(NamedTuple):
     id: str
     names: tuple[str, ...]
     layers: tuple[str, ...]
     """diff_ids, bottom layer first (OCI order)."""
-    config: dict[str, Any] = field(hash=False)
+    config: dict[str, Any]
     imported: float = 0.0
     source: str = ""
     manifest_digest: str | None = None
@@ -104,8 +102,7 @@ class ImageRecord:
             raise StoreError(f"{where}: corrupt image record ({e})") from None
 
 
-@dataclass(frozen=True)
-class ImportResult:
+class ImportResult(NamedTuple):
     image: ImageRecord
     extracted: tuple[str, ...]
     """diff_ids extracted by this import."""
@@ -113,8 +110,7 @@ class ImportResult:
     """diff_ids that were already in the store."""
 
 
-@dataclass(frozen=True)
-class RemoveResult:
+class RemoveResult(NamedTuple):
     id: str
     untagged: tuple[str, ...]
     deleted: bool
@@ -122,19 +118,6 @@ class RemoveResult:
     layers_removed: tuple[str, ...]
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class Store:
@@ -167,7 +150,7 @@ class Store:
         return self.images_dir / f"{image_id.split(':', 1)[-1]}.json"
 
     def _save(self, rec: ImageRecord) -> None:
-        _write_json(self._record_path(rec.id), rec.to_json())
+        write_json(self._record_path(rec.id), rec.to_json(), durable=True)
 
     def layer_path(self, diff_id: str) -> Path:
         """The extracted layer directory (a unionfs lower dir)."""
@@ -296,7 +279,7 @@ class Store:
         for rec in records:
             if rec.id != owner and short & {_short(n) for n in rec.names}:
                 kept = tuple(n for n in rec.names if _short(n) not in short)
-                self._save(replace(rec, names=kept))
+                self._save(rec._replace(names=kept))
 
     def tag(self, ref: str, name: str) -> ImageRecord:
         """Add `name` (moved from any other image) to the image `ref`."""
@@ -304,7 +287,7 @@ class Store:
             rec = self.resolve(ref)
             new = normalize_tag(name)
             self._take_names([new], rec.id, self.images())
-            rec = replace(rec, names=tuple(dict.fromkeys([*rec.names, new])))
+            rec = rec._replace(names=tuple(dict.fromkeys([*rec.names, new])))
             self._save(rec)
             return rec
 
@@ -356,7 +339,7 @@ class Store:
             by_name = [n for n in rec.names if _short(n) == want]
             if by_name and len(rec.names) > 1:
                 kept = tuple(n for n in rec.names if n not in by_name)
-                self._save(replace(rec, names=kept))
+                self._save(rec._replace(names=kept))
                 return RemoveResult(rec.id, tuple(by_name), deleted=False, layers_removed=())
             users = self.users(rec.id)
             if users:
@@ -388,6 +371,7 @@ class Store:
                         p.unlink()  # sidecar without its layer
                 continue
             # Rename first: the layer disappears atomically, then is deleted at leisure.
+            import tempfile  # (start-up time: not every command needs it)
             trash = Path(tempfile.mkdtemp(prefix=f".trash-{hexpart[:16]}-", dir=self.layers_dir))
             try:
                 os.rename(p, trash / "layer")

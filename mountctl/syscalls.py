@@ -10,9 +10,7 @@ accepted as str or bytes and passed to the kernel as bytes.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
-import platform
 
 from unionfs import sys_linux as _ul
 from unionfs.sys_linux import (  # re-exported: the one openat2 wrapper lives in unionfs
@@ -36,7 +34,8 @@ def _load_libc() -> ctypes.CDLL:
     try:  # the usual name: no ldconfig run (find_library forks one, ~50 ms)
         return ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
-        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        from ctypes.util import find_library
+        return ctypes.CDLL(find_library("c"), use_errno=True)
 
 
 _libc = _load_libc()
@@ -44,7 +43,7 @@ _libc = _load_libc()
 _NR = {
     "x86_64": {"pivot_root": 155},
     "aarch64": {"pivot_root": 41},
-}.get(platform.machine(), {"pivot_root": 155})
+}.get(os.uname().machine, {"pivot_root": 155})
 
 # unshare / setns / clone flags
 CLONE_NEWNS = 0x00020000

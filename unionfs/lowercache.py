@@ -83,15 +83,18 @@ _KINDS = {k.value: k for k in Kind}
 _ENTRY = {k.value: BranchEntry(k) for k in Kind}
 
 
-def write_atomically(dest: str, data: bytes, mode: int, durable: bool = True) -> None:
+def write_atomically(dest: str, data: bytes, mode: int, durable: bool = True,
+                     exact: bool = False) -> None:
     """DATA as the file DEST, whole or not at all (a temporary file beside it renamed over it),
-    created at most MODE whatever the umask (a FUSE server runs with none); DURABLE: synced
-    before the rename."""
+    created at most MODE whatever the umask (a FUSE server runs with none), or exactly MODE
+    with EXACT; DURABLE: synced before the rename."""
     tmp = f"{dest}.{os.getpid()}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      mode)
         with os.fdopen(fd, "wb") as f:
+            if exact:
+                os.fchmod(f.fileno(), mode)
             f.write(data)
             if durable:
                 f.flush()
@@ -145,7 +148,7 @@ def layer_key(path: str, root_fd: int) -> tuple[str, int, int]:
     return (os.path.realpath(path), st.st_dev, st.st_ino)
 
 
-def _sha256_hex(data: bytes) -> str:
+def sha256_hex(data: bytes) -> str:
     """SHA-256 of DATA in hex, from CPython's own implementation where there is one: hashlib
     loads OpenSSL's libcrypto, about 5 MB read and 20 ms of a server's start with a cold page
     cache (every mount with the lower cache names its files)."""
@@ -160,7 +163,7 @@ def _sha256_hex(data: bytes) -> str:
 
 
 def _file_for(cache_dir: str, key: object, suffix: str) -> str:
-    digest = _sha256_hex(repr(key).encode())[:40]
+    digest = sha256_hex(repr(key).encode())[:40]
     return os.path.join(cache_dir, digest + suffix)
 
 

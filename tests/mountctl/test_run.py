@@ -367,3 +367,20 @@ def test_fuse_run_builds_checks_and_reuses_the_lower_index(mc: Mctl) -> None:
     assert mc.ok("run", "--rm", *FUSE, "-u", "0", "busybox-test", "echo rebuilt") == "rebuilt\n"
     assert marshal.loads(idx.read_bytes())[0] == b"unionfs-lowerindex"
     assert lindex.gc(mc.root) == [] and idx.exists()
+
+
+def test_run_imports_only_what_a_container_start_needs(mc: Mctl) -> None:
+    """Every container start is a mountctl process, and what it imports is start-up time: the
+    dataclasses module (with inspect and ast behind it, and about 0.7 ms per class it
+    generates), hashlib (OpenSSL's libcrypto; secrets imports it too), tempfile (random,
+    shutil's compressors) and platform stay out of `run`. The real command, its imports
+    profiled by Python itself (`PYTHONPROFILEIMPORTTIME`)."""
+    mc.env["PYTHONPROFILEIMPORTTIME"] = "1"
+    p = mc("run", "--rm", *FUSE, "-u", "0", "busybox-test", "echo ran")
+    assert p.returncode == 0 and p.stdout == "ran\n", p.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in p.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert {"mountctl.run", "mountctl.containers", "json"} <= imported  # the profile was taken
+    unwanted = {"dataclasses", "inspect", "hashlib", "_hashlib", "secrets", "tempfile",
+                "random", "platform", "ctypes.util"}
+    assert imported & unwanted == set()

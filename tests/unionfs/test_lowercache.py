@@ -885,4 +885,4 @@ def test_cache_file_names_are_sha256_as_before(tmp_path: Path) -> None:
     assert name == hashlib.sha256(repr(key).encode()).hexdigest()[:40] + ".layer"
     assert index == hashlib.sha256(repr([key]).encode()).hexdigest()[:40] + ".index"
     for data in (b"", b"abc", bytes(range(256)) * 9):
-        assert lowercache._sha256_hex(data) == hashlib.sha256(data).hexdigest()
+        assert lowercache.sha256_hex(data) == hashlib.sha256(data).hexdigest()
