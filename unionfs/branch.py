@@ -16,6 +16,7 @@ import errno
 import os
 import stat
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple, Protocol
 
 from . import sys_linux as sl
@@ -53,6 +54,8 @@ class LayerKnowledge(Protocol):
     def listing(self, rel: bytes) -> Listing | None: ...
 
     def dir_info(self, rel: bytes) -> tuple[bool, bytes | None] | None: ...
+
+    def names(self, rel: bytes) -> tuple[Mapping[bytes, object], Iterable[bytes]] | None: ...
 
     def stat(self, rel: bytes) -> os.stat_result | None: ...
 
@@ -380,6 +383,21 @@ class Branch:
 
     def has_xwhiteouts(self, fd: int) -> bool:
         return any(opaque_value(_getxattr(fd, n)) == "x" for n in OPAQUE_XATTRS[:2])
+
+    def names(self, rel: bytes) -> tuple[Mapping[bytes, object], Iterable[bytes]]:
+        """The names of directory REL's entries (whiteouts included), and the names it hides
+        below: what `listing` would hold, without building it where the lower cache has it."""
+        if not self.writable:
+            cached = self._listings.get(rel)
+            if cached is not None:
+                return cached.entries, cached.hidden
+            known = self.known
+            if known is not None:
+                found = known.names(rel)
+                if found is not None:
+                    return found
+        lst = self.listing(rel)
+        return lst.entries, lst.hidden
 
     def listing(self, rel: bytes) -> Listing:
         """All entries of directory REL, classified (cached for read-only branches)."""

@@ -59,7 +59,7 @@ import os
 import stat
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from .branch import Branch, join, split
 from .core.readdir import Listing
@@ -410,6 +410,10 @@ class BranchView:
 
     def dir_info(self, rel: bytes) -> tuple[bool, bytes | None] | None:
         return self.index.dir_info(self.branch, rel)
+
+    def names(self, rel: bytes) -> tuple[Mapping[bytes, object], Iterable[bytes]] | None:
+        lst = self.index.listing(self.branch, rel)
+        return None if lst is None else (lst.entries, lst.hidden)
 
     def stat(self, rel: bytes) -> os.stat_result | None:
         return self.index.stat(self.branch, rel)

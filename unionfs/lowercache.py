@@ -53,7 +53,7 @@ import marshal
 import os
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from . import sys_linux as sl
@@ -247,7 +247,7 @@ class LayerCache:
         self.cache_dir = cache_dir
         self.path = _file_for(cache_dir, self.key, ".layer")
         self._loaded: dict[bytes, _Dir] | None = None  # the file, read on first use
-        self._checked: set[bytes] = set()  # loaded records found current in this mount
+        self._current: dict[bytes, _Dir] = {}  # loaded records found current in this mount
         self._learnt: dict[bytes, _Learnt] = {}  # new this mount (to be written)
         self._stale: dict[bytes, Identity] = {}  # loaded records found stale (to be removed)
         self.hits = 0  # directories answered from the file (tests and stats)
@@ -262,13 +262,16 @@ class LayerCache:
     # --- reading (LayerKnowledge) ---------------------------------------------------------
     def _record(self, rel: bytes) -> _Dir | None:
         """The loaded record of directory REL if it is current (checked once per mount)."""
+        d = self._current.get(rel)
+        if d is not None:
+            return d
         if self._loaded is None:
             if self._stack is not None:
                 self._stack.advise()
             self._loaded = _read(self.path, self.key, touch=True) or {}
         d = self._loaded.get(rel)
-        if d is None or rel in self._checked:
-            return d
+        if d is None:
+            return None
         try:
             st: os.stat_result | None = self._lstat(rel)
         except OSError:
@@ -277,7 +280,7 @@ class LayerCache:
             del self._loaded[rel]
             self._stale[rel] = (d[0], d[1], d[2])
             return None
-        self._checked.add(rel)
+        self._current[rel] = d
         return d
 
     def listing(self, rel: bytes) -> Listing | None:
@@ -286,6 +289,14 @@ class LayerCache:
             return None
         self.hits += 1
         return _decode(d[3])
+
+    def names(self, rel: bytes) -> tuple[Mapping[bytes, object], Iterable[bytes]] | None:
+        d = self._record(rel)
+        if d is None or d[3] is None:
+            return None
+        self.hits += 1
+        enc = d[3]
+        return enc[0], enc[1]
 
     def dir_info(self, rel: bytes) -> tuple[bool, bytes | None] | None:
         d = self._record(rel)
@@ -355,11 +366,9 @@ class LayerCache:
         parent = split(rel)[0]
         d: _Learnt | _Dir | None = self._learnt.get(parent)
         if d is None:
-            if parent not in self._checked or self._loaded is None:
-                return  # no record vouched for in this mount to keep it with
-            d = self._loaded.get(parent)
+            d = self._current.get(parent)
             if d is None:
-                return
+                return  # no record vouched for in this mount to keep it with
         opener = self._open_handles()
         if opener is None:
             return
@@ -433,7 +442,7 @@ class LayerCache:
 
     def _drop(self) -> None:
         self._loaded = None
-        self._checked = set()
+        self._current = {}
         self._learnt = {}
         self._stale = {}
 

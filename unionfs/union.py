@@ -397,11 +397,11 @@ class Union:
         if names is None:
             names = lm.holders = {}
             for b, rel in lm.lowers:
-                lst = self.branches[b].listing(rel)
-                for n in lst.entries:
+                entries, hidden = self.branches[b].names(rel)
+                for n in entries:
                     names[n] = (*names.get(n, ()), b)
-                for n in lst.hidden:
-                    if n not in lst.entries:
+                for n in hidden:
+                    if n not in entries:
                         names[n] = (*names.get(n, ()), b)
         out = [(self.upper, parent.path())] if parent.upper and self.upper is not None else []
         rels = lm.rels

@@ -26,6 +26,7 @@ from tests.helpers.layers import PATH_POOL, Stack, materialise, to_oci
 from tests.helpers.mounts import mounted, unionfs_cmd, unmount
 from unionfs import layerindex
 from unionfs import sys_linux as sl
+from unionfs import union as union_mod
 from unionfs.branch import Branch
 from unionfs.config import Config
 from unionfs.core.resolve import Kind, lower_exists
@@ -113,6 +114,7 @@ def _compare_engine(stack: Stack, root: Path, monkeypatch: pytest.MonkeyPatch) -
         plain.close()
     with monkeypatch.context() as m:
         probes = _Probes(m)
+        m.setattr(union_mod, "HOLDERS_MIN_LAYERS", 1)  # holder maps from the index's names too
         indexed = _union(dirs.lowers, dirs.upper, dirs.work, index)
         try:
             got = _view(indexed, paths)

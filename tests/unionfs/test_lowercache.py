@@ -23,10 +23,11 @@ from typing import Any
 
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 from benchmarks.util import catches_signal
 from tests.differential.settings import diff_settings, stack_strategy
-from tests.helpers.layers import PATH_POOL, Stack, materialise
+from tests.helpers.layers import PATH_POOL, Stack, materialise, to_oci
 from tests.helpers.mounts import Mount, mounted
 from tests.helpers.spy import record_calls
 from tests.unionfs.test_layerindex import _Probes as _Reads
@@ -100,12 +101,13 @@ def _compare(stack: Stack, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.skipif(not ROOT, reason="trusted.* xattrs and mknod need root (and file handles)")
 @diff_settings(40)
-@given(stack=stack_strategy())
-def test_cached_and_holder_answers_are_what_probing_answers(stack: Stack) -> None:
+@given(stack=stack_strategy(), oci=st.booleans())
+def test_cached_and_holder_answers_are_what_probing_answers(stack: Stack, oci: bool) -> None:
+    """OCI: whiteouts as `.wh.` files, which a listing keeps as the names it hides."""
     root = Path(tempfile.mkdtemp(prefix="unionfs-lcache-"))
     mp = pytest.MonkeyPatch()
     try:
-        _compare(stack, root, mp)
+        _compare(to_oci(stack) if oci else stack, root, mp)
     finally:
         mp.undo()
         shutil.rmtree(root, ignore_errors=True)
@@ -130,6 +132,29 @@ def test_a_directory_looked_up_again_keeps_its_holder_map(scratch: Path,
         assert listed == [b"d"], listed  # the layer holding only1 only, not all of them
     finally:
         u.close()
+
+
+def test_holder_maps_from_the_cache_keep_the_names_whiteout_files_hide(scratch: Path) -> None:
+    """A deep directory's holder map is made from the names the cache recorded, without
+    decoding its listings (`LayerCache.names`): a `.wh.NAME` file (OCI) of an upper layer is
+    recorded as a name it hides, and the map must send the lookup of NAME to that layer too,
+    else the copy below would show through."""
+    n = union_mod.HOLDERS_MIN_LAYERS + 1
+    lowers = _mkstack(scratch, n)
+    (lowers[0] / "d" / ".wh.only3").write_text("")  # OCI whiteout of layer 3's file
+    cache = scratch / "cache"
+    for mount in ("learning", "from the cache"):
+        u = _union(lowers, cache)
+        try:
+            d, _ = u.lookup(1, b"d")
+            assert len(d.lowers) == n
+            with pytest.raises(FileNotFoundError):
+                u.lookup(d.ino, b"only3")
+            assert u.lookup(d.ino, b"only2")[1].st_size == 1
+            hits = sum(c.hits for c in u.lcaches)
+            assert (hits > 0) == (mount == "from the cache"), (mount, hits)
+        finally:
+            u.close()
 
 
 def _mkstack(root: Path, n: int) -> list[Path]:
