@@ -239,10 +239,6 @@ class Branch:
             known.learn_handle(rel, pfd, name)
         return st
 
-    def lstat(self, rel: bytes) -> os.stat_result:
-        """lstat of REL asked of the branch itself, never cached nor read from an index (what a
-        copy-up copies)."""
-        return self._stat(rel)
 
     def prefetch_stats(self, rel: bytes, names: list[bytes]) -> None:
         """Remember the lstat of NAMES in directory REL, through one directory fd (read-only
@@ -280,10 +276,15 @@ class Branch:
         return self.stat(rel)
 
     def _stat(self, rel: bytes) -> os.stat_result:
-        parent, name = split(rel)
-        if not name:
+        parent, _, name = rel.rpartition(b"/")  # (`split`, inline: the lower cache checks
+        if not name:                             # every layer directory with it)
             return os.fstat(self.fd)
-        return os.stat(name, dir_fd=self.dir_fd(parent), follow_symlinks=False)
+        return os.stat(name, dir_fd=self.dir_fd(parent) if parent else self.fd,
+                       follow_symlinks=False)
+
+    lstat = _stat
+    """lstat of REL asked of the branch itself, never cached nor read from an index (what a
+    copy-up copies)."""
 
     def entry(self, parent: bytes, name: bytes, beside: bool = True) -> BranchEntry:
         """What this branch holds at PARENT/NAME, whiteouts and opaqueness classified.

@@ -276,7 +276,8 @@ class LayerCache:
             st: os.stat_result | None = self._lstat(rel)
         except OSError:
             st = None
-        if st is None or not stat.S_ISDIR(st.st_mode) or identity(st) != d[:3]:
+        if (st is None or not stat.S_ISDIR(st.st_mode)
+                or (st.st_ino, st.st_mtime_ns, st.st_ctime_ns) != d[:3]):  # (`identity`)
             del self._loaded[rel]
             self._stale[rel] = (d[0], d[1], d[2])
             return None
