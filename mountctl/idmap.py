@@ -37,9 +37,9 @@ class UserNsError(Exception):
 
 
 class IdRange:
-    """COUNT ids from INSIDE in the namespace are OUTSIDE.. outside it (a line of uid_map).
-    (A value class by hand: a named tuple's `count` field would hide `tuple.count`, and the
-    dataclasses module costs several ms of every mountctl start.)"""
+    """COUNT ids from INSIDE on in the namespace are the ids from OUTSIDE on outside it (one
+    line of uid_map). (A value class by hand: a named tuple's `count` field would hide
+    `tuple.count`, and the dataclasses module costs several ms of every mountctl start.)"""
 
     __slots__ = ("count", "inside", "outside")
 

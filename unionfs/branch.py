@@ -239,7 +239,6 @@ class Branch:
             known.learn_handle(rel, pfd, name)
         return st
 
-
     def prefetch_stats(self, rel: bytes, names: list[bytes]) -> None:
         """Remember the lstat of NAMES in directory REL, through one directory fd (read-only
         branches; a readdirplus is about to look every entry up)."""
@@ -276,8 +275,9 @@ class Branch:
         return self.stat(rel)
 
     def _stat(self, rel: bytes) -> os.stat_result:
-        parent, _, name = rel.rpartition(b"/")  # (`split`, inline: the lower cache checks
-        if not name:                             # every layer directory with it)
+        # (`split` and `dir_fd("")` inline: the lower cache checks every layer directory here)
+        parent, _, name = rel.rpartition(b"/")
+        if not name:
             return os.fstat(self.fd)
         return os.stat(name, dir_fd=self.dir_fd(parent) if parent else self.fd,
                        follow_symlinks=False)
@@ -387,7 +387,8 @@ class Branch:
 
     def names(self, rel: bytes) -> tuple[Mapping[bytes, object], Iterable[bytes]]:
         """The names of directory REL's entries (whiteouts included), and the names it hides
-        below: what `listing` would hold, without building it where the lower cache has it."""
+        below: what `listing` would hold, without building it where the lower cache has it
+        (read-only: they may be the cache's own)."""
         if not self.writable:
             cached = self._listings.get(rel)
             if cached is not None:
