@@ -359,8 +359,8 @@ class Store:
         removed = []
         for p in sorted(self.layers_dir.iterdir()):
             name = p.name
-            if name.startswith((".tmp-", ".trash-")):
-                layers.remove_tree(p)
+            if name.startswith((".tmp-", ".trash-")) or name.endswith(".tmp"):
+                layers.remove_tree(p)  # (`.tmp`: a record whose writer was killed, jsonfile)
                 continue
             hexpart = name.removesuffix(".meta.json")
             if not _HEX64.fullmatch(hexpart) or f"sha256:{hexpart}" in used:

@@ -171,6 +171,20 @@ def test_failed_import_leaves_no_trace(tmp_path: Path, busybox: Image) -> None:
     assert layer_dirs(store) == set()
 
 
+def test_gc_removes_what_killed_imports_left(tmp_path: Path, archive: ArchiveFactory) -> None:
+    """A killed import leaves an extraction directory (`.tmp-*`) or a layer's metadata record
+    not yet renamed into place (`<record>.<pid>.tmp`, `mountctl.jsonfile`); gc removes both,
+    and nothing of the layers images use."""
+    store = Store(tmp_path / "root")
+    store.import_image(archive("docker-classic", "gzip"))
+    kept = sorted(p.name for p in store.layers_dir.iterdir())
+    (store.layers_dir / ".tmp-0123456789abcdef-x").mkdir()
+    meta = next(p for p in store.layers_dir.iterdir() if p.name.endswith(".meta.json"))
+    (store.layers_dir / f"{meta.name}.4242.tmp").write_text("{")
+    store.gc()
+    assert sorted(p.name for p in store.layers_dir.iterdir()) == kept
+
+
 def test_import_progress_reaches_the_total(tmp_path: Path, archive: ArchiveFactory) -> None:
     calls: list[tuple[int, int]] = []
     Store(tmp_path / "root").import_image(archive("oci-tar", "gzip"),
