@@ -45,3 +45,15 @@ def test_a_failed_write_leaves_the_old_record(tmp_path: Path) -> None:
         write_json(path, {"x": object()})
     assert path.read_text() == '"old"\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.json"]
+
+
+def test_a_write_failing_after_the_temporary_file_leaves_nothing(tmp_path: Path) -> None:
+    """The rename fails (the record's name is a non-empty directory): the temporary file
+    already written is removed, and what was there stays."""
+    path = tmp_path / "rec.json"
+    path.mkdir()
+    (path / "keep").write_text("x")
+    with pytest.raises(OSError):
+        write_json(path, {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.json"]
+    assert (path / "keep").read_text() == "x"
