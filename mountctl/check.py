@@ -14,10 +14,10 @@ import os
 import shutil
 import stat
 from collections.abc import Callable
-from typing import NamedTuple
 
 from mountctl import idmap
 from mountctl import syscalls as sc
+from unionfs.tuples import NamedTuple
 
 
 class Fact(NamedTuple):

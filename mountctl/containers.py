@@ -23,10 +23,11 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from mountctl.jsonfile import write_json
 from mountctl.store import Store, StoreError
+from unionfs.tuples import NamedTuple
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 

@@ -28,7 +28,7 @@ import tarfile
 import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any
 
 from unionfs.core.formats import (
     OPAQUE_MARKER,
@@ -41,6 +41,7 @@ from unionfs.core.formats import (
     whiteout_target,
 )
 from unionfs.core.resolve import BranchEntry, Kind, resolve
+from unionfs.tuples import NamedTuple
 
 OPQ = os.fsdecode(OPAQUE_MARKER)
 WH = ".wh."

@@ -24,9 +24,10 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 from mountctl import syscalls as sc
+from unionfs.tuples import NamedTuple
 
 Method = Literal["none", "single", "newuidmap"]
 HELPER_TIMEOUT = 30.0

@@ -29,7 +29,9 @@ import re
 import stat
 import tarfile
 from pathlib import Path
-from typing import IO, Any, Literal, NamedTuple
+from typing import IO, Any, Literal
+
+from unionfs.tuples import NamedTuple
 
 Compression = Literal["none", "gzip", "zstd"]
 ImageFormat = Literal["docker-archive", "oci-layout"]

@@ -40,10 +40,11 @@ import tarfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, NamedTuple, Protocol, cast
+from typing import IO, Any, Protocol, cast
 
 from mountctl.image import ImageError, detect_compression, parse_digest
 from mountctl.jsonfile import write_json
+from unionfs.tuples import NamedTuple
 
 Progress = Callable[[int], None]
 """Called with the number of (compressed) bytes read so far from the layer stream."""

@@ -23,9 +23,9 @@ import errno
 import os
 import stat
 from collections.abc import Sequence
-from typing import NamedTuple
 
 from mountctl import syscalls as sc
+from unionfs.tuples import NamedTuple
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),

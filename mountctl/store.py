@@ -29,12 +29,13 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from mountctl import layers
 from mountctl.image import compute_digest, normalize_tag, open_source, read_image
 from mountctl.image import short_name as _short
 from mountctl.jsonfile import write_json
+from unionfs.tuples import NamedTuple
 
 ImportProgress = Callable[[int, int], None]
 """Called with (bytes read so far, total bytes) over all layers an import extracts."""

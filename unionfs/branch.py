@@ -17,7 +17,6 @@ import os
 import stat
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from typing import NamedTuple, Protocol
 
 from . import sys_linux as sl
 from .core.formats import (
@@ -33,6 +32,13 @@ from .core.formats import (
 from .core.readdir import Listing
 from .core.resolve import MISSING, WHITEOUT, BranchEntry, Kind
 from .statpack import pack, unpack
+from .tuples import NamedTuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
+else:
+    Protocol = object  # (no typing at run time: see `tuples`)
 
 O_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

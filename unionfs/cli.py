@@ -15,7 +15,6 @@ import stat
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
 
 from . import __version__, log
 from .config import Config
@@ -24,7 +23,9 @@ from .linkindex import LINKS_SUBDIR
 from .lowercache import default_dir as default_cache_dir
 from .mount import GENERIC_FUSE_OPTIONS
 from .mountinfo import mounts
+from .tuples import NamedTuple
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
 

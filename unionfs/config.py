@@ -5,7 +5,7 @@ module and the classes it generates cost about 14 ms of the server's start-up.)"
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from .tuples import NamedTuple
 
 
 class Config(NamedTuple):

@@ -15,15 +15,14 @@ and the in-memory map of records; what the names are and how they get linked is 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
 
 from . import sys_linux as sl
 
 LINKS_SUBDIR = "links"
 _O_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_KEY = re.compile(rb"([0-9]+)-([0-9a-f]+)-([0-9a-f]+)")
+_DIGITS = frozenset(b"0123456789")
+_HEX = frozenset(b"0123456789abcdef")
 
 
 class Pending:
@@ -52,18 +51,22 @@ def key_of(branch: int, dev: int, ino: int) -> bytes:
 
 
 def parse_key(name: bytes) -> tuple[int, int, int] | None:
-    m = _KEY.fullmatch(name)
-    if m is None:
+    """(branch, st_dev, st_ino) of the record named NAME (`key_of`), None if it is not one."""
+    parts = name.split(b"-")
+    if (len(parts) != 3 or not all(parts) or not _DIGITS.issuperset(parts[0])
+            or not _HEX.issuperset(parts[1]) or not _HEX.issuperset(parts[2])):
         return None
-    return int(m[1]), int(m[2], 16), int(m[3], 16)
+    return int(parts[0]), int(parts[1], 16), int(parts[2], 16)
 
 
 class LinkIndex:
     """The records of one mount: by lower object (for lookups) and by copy (for link counts)."""
 
     def __init__(self, workdir_fd: int) -> None:
-        with contextlib.suppress(FileExistsError):
+        try:
             os.mkdir(LINKS_SUBDIR, 0o700, dir_fd=workdir_fd)
+        except FileExistsError:
+            pass
         self.fd = sl.openat2(workdir_fd, LINKS_SUBDIR.encode(), _O_DIR)
         self.by_lower: dict[tuple[int, int, int], Pending] = {}
         self.by_copy: dict[tuple[int, int], Pending] = {}
@@ -84,8 +87,10 @@ class LinkIndex:
         """Record the copy at DIR_FD/NAME (before it is renamed into place) as the copy of the
         lower object LOWER of BRANCH."""
         key = key_of(branch, lower.st_dev, lower.st_ino)
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(key, dir_fd=self.fd)  # a stale record of an earlier copy of it
+        except FileNotFoundError:
+            pass
         os.link(name, key, src_dir_fd=dir_fd, dst_dir_fd=self.fd, follow_symlinks=False)
         return Pending(branch, lower.st_dev, lower.st_ino, lower.st_nlink, node_ino, key)
 
@@ -103,8 +108,10 @@ class LinkIndex:
 
     def drop(self, key: bytes) -> None:
         """Remove a record (every name is linked, or it cannot be used)."""
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(key, dir_fd=self.fd)
+        except FileNotFoundError:
+            pass
         parsed = parse_key(key)
         if parsed is not None:
             rec = self.by_lower.pop(parsed, None)

@@ -19,7 +19,10 @@ The patched pyfuse3 has the same loggers (`pyfuse3._pyfuse3.LazyLogger`); `mount
 from __future__ import annotations
 
 import sys
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 DEBUG = 10
 INFO = 20

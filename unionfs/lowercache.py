@@ -54,13 +54,16 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
 
 from . import sys_linux as sl
 from .branch import split
 from .core.readdir import Listing
 from .core.resolve import BranchEntry, Kind
 from .log import Logger
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 log = Logger(__name__)
 

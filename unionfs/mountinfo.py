@@ -4,16 +4,25 @@ option values."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from os import PathLike
 
-_OCTAL = re.compile(r"\\([0-7]{3})")
+_OCTAL_DIGITS = frozenset("01234567")
 
 
 def unescape(field: str) -> str:
-    """Undo mountinfo's octal escapes (\\040 for a space, ...)."""
-    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
+    """Undo mountinfo's octal escapes (\\040 for a space, ...): a backslash and three octal
+    digits; any other backslash is kept as it is."""
+    if "\\" not in field:
+        return field
+    head, *rest = field.split("\\")
+    out = [head]
+    for piece in rest:  # (what followed each backslash)
+        if len(piece) >= 3 and _OCTAL_DIGITS.issuperset(piece[:3]):
+            out.append(chr(int(piece[:3], 8)) + piece[3:])
+        else:
+            out.append("\\" + piece)
+    return "".join(out)
 
 
 def mounts(path: str = "/proc/self/mountinfo") -> list[tuple[str, str]]:

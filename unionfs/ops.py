@@ -14,7 +14,6 @@ import os
 import resource
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
@@ -24,8 +23,12 @@ from .union import Caller, Union
 
 log = Logger("unionfs")
 
-P = ParamSpec("P")
-R = TypeVar("R")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, ParamSpec, TypeVar
+
+    P = ParamSpec("P")
+    R = TypeVar("R")
 
 _ENOATTR = getattr(pyfuse3, "ENOATTR", errno.ENODATA)
 

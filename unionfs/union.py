@@ -25,7 +25,6 @@ import os
 import stat
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
 
 from . import copyup, layerindex, lowercache
 from . import sys_linux as sl
@@ -68,6 +67,7 @@ from .inodes import ROOT_INO, InodeTable, Node
 from .linkindex import LinkIndex, Pending, parse_key
 from .log import Logger
 from .lowercache import LayerCache
+from .tuples import NamedTuple
 
 WORK_SUBDIR = "work"
 

@@ -287,8 +287,10 @@ def test_server_start_imports_only_what_the_default_loop_needs(tmp_path: Path) -
     (6 ms, and about 0.7 ms per class it generates) and hashlib (OpenSSL's libcrypto: about
     20 ms of a cold start; the lower cache's file names are SHA-256 from CPython's own module)
     stay out of the default server's imports and set-up, and so do logging (about 8 ms: a
-    mount that is not debugging imports it only to emit a warning, see `unionfs.log`) and
-    argparse (4 ms: the forms mount programs use are parsed without it, `parse_simple`).
+    mount that is not debugging imports it only to emit a warning, see `unionfs.log`),
+    argparse (4 ms: the forms mount programs use are parsed without it, `parse_simple`) and
+    typing, with re, contextlib and warnings behind it (about 5 ms, and typing.NamedTuple
+    more per class: `unionfs.tuples`; pyfuse3 is patched alike).
     (The patched pyfuse3 imports trio on first use; `loop=trio` is served and tested with real
     mounts in test_spin.py, test_kernel_caching.py and the unionfs-trio conformance target.)"""
     (tmp_path / "lower").mkdir()
@@ -305,7 +307,8 @@ def test_server_start_imports_only_what_the_default_loop_needs(tmp_path: Path) -
             "assert u.lcaches and u.lcaches[0].path.endswith('.layer'); u.close(); "
             "print(' '.join(m for m in ('trio', 'importlib.metadata', 'ctypes.util', "
             "'pickle', 'queue', 'json', 'platform', 'dataclasses', 'hashlib', 'logging', "
-            "'argparse') if m in sys.modules)); print(pyfuse3.__version__)")
+            "'argparse', 'typing', 're', 'contextlib', 'warnings') if m in sys.modules)); "
+            "print(pyfuse3.__version__)")
     r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
                        timeout=30, cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stderr

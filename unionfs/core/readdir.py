@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterable, Mapping
-from typing import NamedTuple
 
+from ..tuples import NamedTuple
 from .resolve import HIDDEN, MISSING, BranchEntry, Kind
 
 

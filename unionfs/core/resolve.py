@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping, Sequence
-from typing import NamedTuple
+
+from ..tuples import NamedTuple
 
 
 class Kind(enum.Enum):
