@@ -30,16 +30,22 @@ Directories are always stat'ed by name: opening a directory's handle reconnects 
 which costs more than the lookup it saves.
 
 Files: `<sha256 of the layer's realpath, st_dev, st_ino>.layer`, marshal of (MAGIC, VERSION,
-(realpath, st_dev, st_ino), dirs) with dirs: rel -> (st_ino, mtime_ns, ctime_ns, listing or
-None, (opaque, redirect) or None, {name: file handle} or None); a listing is ({name: Kind
-value}, hidden names, opaque marker). Written at unmount and whenever the server sheds its
-caches (`Union.shrink`), merged over what other mounts wrote meanwhile, through a temporary file
+(realpath, st_dev, st_ino), dirs) followed by its CRC-32 (`seal`), with dirs: rel -> the
+marshal of one record (st_ino, mtime_ns, ctime_ns, listing or None, (opaque, redirect) or None,
+{name: file handle} or None); a listing is ({name: Kind value}, hidden names, opaque marker).
+Each record is its own marshal so that a mount decodes only the directories it uses: decoding
+and checking a whole file at the first lookup took 4.6 ms for a rootfs layer (785 directories,
+400 KB) and 50 ms for a layer of 100,000 files, and a mount pays it before its first answer.
+The checksum (C, about 1 ms per 4 MB) stands for checking each record's shape: only `save`
+writes these files. Written at unmount and whenever the server sheds its caches
+(`Union.shrink`), merged over what other mounts wrote meanwhile, through a temporary file
 renamed into place. A file that is not ours (owner, permissions), of another version, for
-another layer or unreadable is ignored. Only the owner of the cache directory reads it (created
-0700): the files are trusted input (a planted handle could only show another object's
-attributes: contents are always opened by name). A mount that reads a file marks it used (its
-mtime, at most once a day); files no mount used for 30 days (layers deleted since, most likely)
-are removed at unmount (`prune`).
+another layer, damaged (checksum) or unreadable is ignored, and so is a record that does not
+unpack. Only the owner of the cache directory reads it (created 0700): the files are trusted
+input (a planted handle could only show another object's attributes: contents are always
+opened by name). A mount that reads a file marks it used (its mtime, at most once a day);
+files no mount used for 30 days (layers deleted since, most likely) are removed at unmount
+(`prune`).
 
 `lowerindex=auto` keeps a whole stack's lower index (`layerindex`) in the same directory,
 `<sha256 of every layer's realpath, st_dev, st_ino>.index`: a mount that finds none (or a stale
@@ -53,6 +59,7 @@ import marshal
 import os
 import stat
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from . import sys_linux as sl
@@ -68,7 +75,7 @@ if TYPE_CHECKING:
 log = Logger(__name__)
 
 MAGIC = b"unionfs-lowercache"
-VERSION = 2
+VERSION = 3
 UNUSED_DAYS = 30  # a layer's file no mount read for this long is removed (`prune`)
 TOUCH_AFTER = 86400  # a file read by a mount gets a new mtime when its own is older than this
 
@@ -184,29 +191,31 @@ def _decode(enc: _Enc) -> Listing:
     return Listing({n: _ENTRY[k] for n, k in entries.items()}, frozenset(hidden), marker)
 
 
-def _valid_dirs(value: Any) -> bool:
-    if not isinstance(value, dict):
-        return False
-    for rel, d in value.items():
-        if not (isinstance(rel, bytes) and isinstance(d, tuple) and len(d) == 6
-                and all(isinstance(x, int) for x in d[:3])):
-            return False
-        lst, info, handles = d[3], d[4], d[5]
-        if handles is not None and not (
-                isinstance(handles, dict)
-                and all(isinstance(n, bytes) and isinstance(h, bytes) for n, h in handles.items())):
-            return False
-        if lst is not None and not (
-                isinstance(lst, tuple) and len(lst) == 3 and isinstance(lst[0], dict)
-                and all(isinstance(n, bytes) and v in _KINDS for n, v in lst[0].items())
-                and isinstance(lst[1], tuple) and all(isinstance(n, bytes) for n in lst[1])
-                and isinstance(lst[2], bool)):
-            return False
-        if info is not None and not (
-                isinstance(info, tuple) and len(info) == 2 and isinstance(info[0], bool)
-                and (info[1] is None or isinstance(info[1], bytes))):
-            return False
-    return True
+def _unpack(blob: bytes) -> _Dir | None:
+    """The record packed in BLOB (checked with its file's checksum: only `save` writes them),
+    None if it is not one."""
+    try:
+        d = marshal.loads(blob)
+    except (EOFError, ValueError, TypeError):
+        return None
+    return d if type(d) is tuple and len(d) == 6 else None
+
+
+def _pack(d: _Dir) -> bytes:
+    return marshal.dumps(d)
+
+
+def seal(payload: bytes) -> bytes:
+    """PAYLOAD with its checksum (CRC-32) after it, as a cache file holds it."""
+    return payload + zlib.crc32(payload).to_bytes(4, "little")
+
+
+def unseal(data: bytes) -> memoryview | None:
+    """The payload of sealed DATA, None if its checksum does not match."""
+    view = memoryview(data)
+    if len(view) < 4 or zlib.crc32(view[:-4]) != int.from_bytes(view[-4:], "little"):
+        return None
+    return view[:-4]
 
 
 class Stack:
@@ -249,10 +258,12 @@ class LayerCache:
         self.key = layer_key(layer_path, root_fd)
         self.cache_dir = cache_dir
         self.path = _file_for(cache_dir, self.key, ".layer")
-        self._loaded: dict[bytes, _Dir] | None = None  # the file, read on first use
+        # the file's records, packed (`_pack`), read on first use
+        self._loaded: dict[bytes, bytes] | None = None
         self._current: dict[bytes, _Dir] = {}  # loaded records found current in this mount
         self._learnt: dict[bytes, _Learnt] = {}  # new this mount (to be written)
-        self._stale: dict[bytes, Identity] = {}  # loaded records found stale (to be removed)
+        # loaded records found stale or unreadable, packed (removed unless rewritten meanwhile)
+        self._stale: dict[bytes, bytes] = {}
         self.hits = 0  # directories answered from the file (tests and stats)
         self.handle_stats = 0  # objects stat'ed through a kept file handle (tests and stats)
         # opening by handle: None = not tried yet, else (fd of the layer's root that is not
@@ -272,20 +283,22 @@ class LayerCache:
             if self._stack is not None:
                 self._stack.advise()
             self._loaded = _read(self.path, self.key, touch=True) or {}
-        d = self._loaded.get(rel)
-        if d is None:
+        blob = self._loaded.get(rel)
+        if blob is None:
             return None
-        try:
-            st: os.stat_result | None = self._lstat(rel)
-        except OSError:
-            st = None
-        if (st is None or not stat.S_ISDIR(st.st_mode)
-                or (st.st_ino, st.st_mtime_ns, st.st_ctime_ns) != d[:3]):  # (`identity`)
-            del self._loaded[rel]
-            self._stale[rel] = (d[0], d[1], d[2])
-            return None
-        self._current[rel] = d
-        return d
+        d = _unpack(blob)
+        if d is not None:
+            try:
+                st: os.stat_result | None = self._lstat(rel)
+            except OSError:
+                st = None
+            if (st is not None and stat.S_ISDIR(st.st_mode)
+                    and (st.st_ino, st.st_mtime_ns, st.st_ctime_ns) == d[:3]):  # (`identity`)
+                self._current[rel] = d
+                return d
+        del self._loaded[rel]
+        self._stale[rel] = blob
+        return None
 
     def listing(self, rel: bytes) -> Listing | None:
         d = self._record(rel)
@@ -404,8 +417,10 @@ class LayerCache:
                info: tuple[bool, bytes | None] | None) -> None:
         ident = identity(st)
         old: _Learnt | _Dir | None = self._learnt.get(rel)
-        if old is None and self._loaded is not None:
-            old = self._loaded.get(rel)
+        if old is None:
+            old = self._current.get(rel)
+        if old is None and self._loaded is not None and rel in self._loaded:
+            old = _unpack(self._loaded[rel])
         handles: _Handles = {}
         if old is not None and old[:3] == ident:
             lst = lst if lst is not None else old[3]
@@ -427,17 +442,16 @@ class LayerCache:
         try:
             make_private_dir(self.cache_dir)
             dirs = _read(self.path, self.key) or {}
-            for rel, ident in self._stale.items():
-                d = dirs.get(rel)
-                if d is not None and d[:3] == ident:
+            for rel, blob in self._stale.items():
+                if dirs.get(rel) == blob:  # (not rewritten by another mount meanwhile)
                     del dirs[rel]
             for rel, (ino, mtime, ctime, lst, info, handles) in self._learnt.items():
                 enc = _encode(lst) if isinstance(lst, Listing) else lst
-                was = dirs.get(rel)
+                was = _unpack(dirs[rel]) if rel in dirs else None
                 if was is not None and was[:3] == (ino, mtime, ctime) and was[5]:
                     handles = {**was[5], **handles}  # what another mount learnt meanwhile
-                dirs[rel] = (ino, mtime, ctime, enc, info, handles or None)
-            write_atomically(self.path, marshal.dumps((MAGIC, VERSION, self.key, dirs)),
+                dirs[rel] = _pack((ino, mtime, ctime, enc, info, handles or None))
+            write_atomically(self.path, seal(marshal.dumps((MAGIC, VERSION, self.key, dirs))),
                              0o600, durable=False)  # (a cache: a lost file is read again)
         except OSError as e:
             log.debug("lower cache %s not written: %s", self.path, e)
@@ -474,23 +488,34 @@ def _open_trusted(path: str, touch: bool) -> int | None:
 
 
 def _read(path: str, key: tuple[str, int, int], touch: bool = False
-          ) -> dict[bytes, _Dir] | None:
+          ) -> dict[bytes, bytes] | None:
     """The records of the file at PATH, or None if there is none we can trust and use."""
     fd = _open_trusted(path, touch)
     if fd is None:
         return None
     try:
         with os.fdopen(fd, "rb") as f:
-            data = marshal.loads(f.read())
+            payload = unseal(f.read())
+        if payload is None:
+            log.debug("lower cache %s ignored: damaged", path)
+            return None
+        data = marshal.loads(payload)
     except (OSError, EOFError, ValueError, TypeError):
         log.debug("lower cache %s ignored: unreadable", path)
         return None
     if not (isinstance(data, tuple) and len(data) == 4 and data[0] == MAGIC
-            and data[1] == VERSION and data[2] == key and _valid_dirs(data[3])):
+            and data[1] == VERSION and data[2] == key and _packed_records(data[3])):
         log.debug("lower cache %s ignored: not for this layer or version", path)
         return None
-    dirs: dict[bytes, _Dir] = data[3]
+    dirs: dict[bytes, bytes] = data[3]
     return dirs
+
+
+def _packed_records(value: Any) -> bool:
+    """Whether VALUE maps names to packed records (bytes to bytes; each record is checked when
+    it is unpacked, `_unpack`)."""
+    return (type(value) is dict and set(map(type, value)) <= {bytes}
+            and set(map(type, value.values())) <= {bytes})
 
 
 # --- lowerindex=auto ---------------------------------------------------------------------------

@@ -169,11 +169,17 @@ PATHS = [b"d", b"d/sub", b"d/only0", b"d/only1", b"d/only2", b"d/new", b"d/sub/x
          b"e/f", b"d/missing"]
 
 
+def _records(f: Path) -> tuple[str, dict[bytes, Any]]:
+    """The layer path a cache file is for, and its records unpacked."""
+    data = marshal.loads(f.read_bytes())
+    return data[2][0], {rel: marshal.loads(blob) for rel, blob in data[3].items()}
+
+
 def _stale_paths(cache: Path) -> dict[str, dict[bytes, tuple[int, int, int]]]:
     out = {}
     for f in cache.iterdir():
-        data = marshal.loads(f.read_bytes())
-        out[data[2][0]] = {rel: d[:3] for rel, d in data[3].items()}
+        layer, records = _records(f)
+        out[layer] = {rel: d[:3] for rel, d in records.items()}
     return out
 
 
@@ -233,8 +239,8 @@ def _handles(cache: Path) -> dict[str, dict[bytes, dict[bytes, bytes]]]:
     """The file handles each layer's cache file keeps, per directory."""
     out = {}
     for f in cache.glob("*.layer"):
-        data = marshal.loads(f.read_bytes())
-        out[data[2][0]] = {rel: d[5] for rel, d in data[3].items() if d[5]}
+        layer, records = _records(f)
+        out[layer] = {rel: d[5] for rel, d in records.items() if d[5]}
     return out
 
 
@@ -315,9 +321,11 @@ def test_a_stale_handle_falls_back_to_the_name_and_is_replaced(
     (f,) = [f for f in cache.glob("*.layer") if marshal.loads(f.read_bytes())[2][0] ==
             str(lowers[0])]
     data = marshal.loads(f.read_bytes())
-    good = data[3][b"d"][5][b"only0"]
-    data[3][b"d"][5][b"only0"] = gone
-    f.write_bytes(marshal.dumps(data))
+    record = marshal.loads(data[3][b"d"])
+    good = record[5][b"only0"]
+    record[5][b"only0"] = gone
+    data[3][b"d"] = marshal.dumps(record)
+    f.write_bytes(lowercache.seal(marshal.dumps(data)))
     with monkeypatch.context() as m:
         seen = _ByName(m)
         assert _view_ro(lowers, cache) == want
@@ -418,15 +426,24 @@ def test_untrusted_foreign_and_garbage_files_are_ignored(scratch: Path,
     assert reads_with(lambda: files[0].chmod(0o666)).scans != []
     assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
     assert reads_with(lambda: None).scans == []
-    # garbage, truncated, another version, another layer's file under this name
+    # garbage, truncated, one byte changed (the checksum), no checksum; sealed: another
+    # version, another layer's file under this name, a record not packed, a packed record of
+    # another shape, one that is not a marshal
     good = files[0].read_bytes()
     data = marshal.loads(good)
-    for bad in (b"garbage", good[: len(good) // 2],
-                marshal.dumps((data[0], data[1] + 1, *data[2:])),
-                marshal.dumps((data[0], data[1], (data[2][0], data[2][1], data[2][2] + 1),
-                               data[3])),
-                marshal.dumps((*data[:3], {b"d": (1, 2, 3, ("bad",), None)})),
-                marshal.dumps((*data[:3], {**data[3], b"d": (*data[3][b"d"][:5], {b"x": 5})}))):
+    record = marshal.loads(data[3][b"d"])
+    # (a name changed in place: the file still unmarshals, and says d/ holds only9)
+    at = good.index(b"only") + 4
+    flipped = bytearray(good)
+    flipped[at] = ord("9")
+    sealed = lowercache.seal
+    for bad in (b"garbage", good[: len(good) // 2], bytes(flipped), good[:-4],
+                sealed(marshal.dumps((data[0], data[1] + 1, *data[2:]))),
+                sealed(marshal.dumps((data[0], data[1], (data[2][0], data[2][1],
+                                                         data[2][2] + 1), data[3]))),
+                sealed(marshal.dumps((*data[:3], {b"d": (1, 2, 3, ("bad",), None)}))),
+                sealed(marshal.dumps((*data[:3], {**data[3], b"d": marshal.dumps(record[:5])}))),
+                sealed(marshal.dumps((*data[:3], {**data[3], b"d": b"\xffgarbage"})))):
         r = reads_with(lambda bad=bad: files[0].write_bytes(bad))
         assert r.scans != [], bad[:40]
     if ROOT:  # not our file (owned by someone else)
@@ -588,6 +605,26 @@ def test_default_directory(monkeypatch: pytest.MonkeyPatch, scratch: Path) -> No
     assert lowercache.default_dir() == "/home/u/.cache/unionfs/layers"
     monkeypatch.delenv("HOME")
     assert lowercache.default_dir() is None
+
+
+def test_a_mount_unpacks_only_the_records_it_uses(scratch: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each directory's record is packed on its own: a lookup decodes and checks the records
+    of the directories on its way, not the whole file (which grows with the image)."""
+    lowers = [scratch / "l0", scratch / "l1"]
+    for i, p in enumerate(lowers):
+        for d in range(40):
+            (p / f"d{d:02d}" / "sub").mkdir(parents=True)
+            (p / f"d{d:02d}" / f"f{i}").touch()
+    cache = scratch / "cache"
+    paths = [b"d07/f0", b"d07/f1", b"d07/sub", b"d31/f1"]
+    want = _view_ro(lowers, None, paths)
+    assert _view_ro(lowers, cache, paths + [b"d%02d/sub" % d for d in range(40)]) != {}
+    assert all(len(records) == 81 for _, records in map(_records, cache.iterdir()))
+    unpacked = record_calls(monkeypatch, lowercache, "_unpack", arg=0)
+    assert _view_ro(lowers, cache, paths) == want
+    # per layer: the root, d07, d07/sub, d31 (nothing else of its 81 records)
+    assert len(unpacked) == 2 * 4, len(unpacked)
 
 
 @pytest.mark.skipif(shutil.which("strace") is None or not ROOT or not os.path.exists("/dev/fuse"),
