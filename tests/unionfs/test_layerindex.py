@@ -639,6 +639,38 @@ def test_mounted_attributes_same_with_index_without_and_overlayfs(scratch: Path)
         assert not diffs, "\n".join(diffs)
 
 
+def test_a_mount_unpacks_only_the_directory_records_it_uses(scratch: Path) -> None:
+    """Each directory's names are packed on their own: loading the index decodes none of
+    them, a lookup those of the directories on its way, and `drop_caches` lets them go."""
+    lowers = [scratch / "l0", scratch / "l1"]
+    for i, p in enumerate(lowers):
+        for d in range(30):
+            (p / f"d{d:02d}" / "sub").mkdir(parents=True)
+            (p / f"d{d:02d}" / f"f{i}").touch()
+    index = scratch / "idx"
+    layerindex.write([str(p) for p in lowers], str(index))
+    u = _union(lowers, None, None, index)
+    try:
+        assert u.lindex is not None
+        records = u.lindex.records.values()
+        assert len(records) == 61  # the root, 30 directories, their sub/
+
+        def unpacked() -> list[object]:
+            return [rec.layers[0][1] for rec in records if rec._names is not None]
+
+        assert unpacked() == []
+        found = u._walk(b"d07/sub")
+        assert found is not None and found[2].kind is Kind.DIR
+        assert sorted(unpacked()) == [b"", b"d07"]  # (the root's and d07's, which hold them)
+        u.lindex.drop_caches()
+        assert unpacked() == []
+        f1, f2 = u._walk(b"d07/f1"), u._walk(b"d07/f2")
+        assert f1 is not None and f1[2].kind is Kind.OTHER and f1[2].branches == (1,)
+        assert f2 is not None and f2[2].kind is Kind.MISSING
+    finally:
+        u.close()
+
+
 def test_index_load_is_fast_enough(scratch: Path) -> None:
     """A rootfs-size stack (20k names in 2k directories over 4 layers) loads and is checked in
     well under a second (a loose bound: this machine is shared and noisy)."""
