@@ -429,3 +429,14 @@ def kernel_honours_xattr_whiteouts() -> bool:
                                check=False)
     except OSError:
         return False
+
+
+def wide_layers(root: Path, nlayers: int, ndirs: int) -> list[Path]:
+    """NLAYERS layers (top-first, root/l0 ...) that all hold d00 ... and dNN/sub/, layer I a
+    file fI in each dNN: many directories, each merging every layer."""
+    lowers = [root / f"l{i}" for i in range(nlayers)]
+    for i, p in enumerate(lowers):
+        for d in range(ndirs):
+            (p / f"d{d:02d}" / "sub").mkdir(parents=True)
+            (p / f"d{d:02d}" / f"f{i}").touch()
+    return lowers

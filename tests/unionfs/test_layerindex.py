@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from tests.differential.harness import ORACLE_OPTIONS, compare_views, snapshot
 from tests.differential.settings import diff_settings, require_environment, stack_strategy
-from tests.helpers.layers import PATH_POOL, Stack, materialise, to_oci
+from tests.helpers.layers import PATH_POOL, Stack, materialise, to_oci, wide_layers
 from tests.helpers.mounts import mounted, unionfs_cmd, unmount
 from unionfs import layerindex
 from unionfs import sys_linux as sl
@@ -642,11 +642,7 @@ def test_mounted_attributes_same_with_index_without_and_overlayfs(scratch: Path)
 def test_a_mount_unpacks_only_the_directory_records_it_uses(scratch: Path) -> None:
     """Each directory's names are packed on their own: loading the index decodes none of
     them, a lookup those of the directories on its way, and `drop_caches` lets them go."""
-    lowers = [scratch / "l0", scratch / "l1"]
-    for i, p in enumerate(lowers):
-        for d in range(30):
-            (p / f"d{d:02d}" / "sub").mkdir(parents=True)
-            (p / f"d{d:02d}" / f"f{i}").touch()
+    lowers = wide_layers(scratch, 2, 30)
     index = scratch / "idx"
     layerindex.write([str(p) for p in lowers], str(index))
     u = _union(lowers, None, None, index)

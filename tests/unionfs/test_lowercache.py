@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from benchmarks.util import catches_signal
 from tests.differential.settings import diff_settings, stack_strategy
-from tests.helpers.layers import PATH_POOL, Stack, materialise, to_oci
+from tests.helpers.layers import PATH_POOL, Stack, materialise, to_oci, wide_layers
 from tests.helpers.mounts import Mount, mounted
 from tests.helpers.spy import record_calls
 from tests.unionfs.test_layerindex import _Probes as _Reads
@@ -611,11 +611,7 @@ def test_a_mount_unpacks_only_the_records_it_uses(scratch: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Each directory's record is packed on its own: a lookup decodes and checks the records
     of the directories on its way, not the whole file (which grows with the image)."""
-    lowers = [scratch / "l0", scratch / "l1"]
-    for i, p in enumerate(lowers):
-        for d in range(40):
-            (p / f"d{d:02d}" / "sub").mkdir(parents=True)
-            (p / f"d{d:02d}" / f"f{i}").touch()
+    lowers = wide_layers(scratch, 2, 40)
     cache = scratch / "cache"
     paths = [b"d07/f0", b"d07/f1", b"d07/sub", b"d31/f1"]
     want = _view_ro(lowers, None, paths)
