@@ -16,6 +16,7 @@ life of the mount.
 from __future__ import annotations
 
 import itertools
+import os
 
 ROOT_INO = 1
 _SHIFT = 48
@@ -23,8 +24,8 @@ _LOW = (1 << _SHIFT) - 1
 
 
 class Node:
-    __slots__ = ("aliases", "children", "gen", "handles", "implicit", "ino", "is_dir", "lowers",
-                 "merged", "name", "nlookup", "parent", "unlinked", "upper")
+    __slots__ = ("aliases", "children", "gen", "gone", "handles", "implicit", "ino", "is_dir",
+                 "lowers", "merged", "name", "nlookup", "parent", "unlinked", "upper")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, is_dir: bool, upper: bool,
                  lowers: tuple[tuple[int, bytes], ...]) -> None:
@@ -45,6 +46,10 @@ class Node:
         # cached resolutions of names in this directory, dropped with `merged` on any change
         self.children: dict[bytes, object] | None = None
         self.aliases: list[tuple[Node, bytes]] | None = None  # other names (hard links)
+        # unlinked, its object gone from the upper branch: where its attributes are still
+        # read (`Union._keep_gone`): an O_PATH fd of a removed directory, or the lstat a
+        # removed non-directory had
+        self.gone: int | os.stat_result | None = None
 
     def add_name(self, parent: Node, name: bytes) -> None:
         """Record another name of this (non-directory) node."""

@@ -108,6 +108,12 @@ def _sync(fd: int, datasync: bool) -> None:
         os.fsync(fd)
 
 
+def _let_go(gone: int | os.stat_result | None) -> None:
+    """Close what `Union._keep_gone` kept, if it is an fd."""
+    if isinstance(gone, int):
+        os.close(gone)
+
+
 def _err(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
@@ -312,6 +318,9 @@ class Union:
             except OSError:
                 pass
         self.handles.clear()
+        for node in self.inodes.nodes.values():
+            _let_go(node.gone)
+            node.gone = None
         for cache in self.lcaches:
             cache.close()
         for b in self.branches:
@@ -626,7 +635,11 @@ class Union:
         return self._node_for(parent, name, res, paths, st=st)
 
     def forget(self, ino: int, count: int) -> None:
+        node = self.inodes.nodes.get(ino)
         self.inodes.forget(ino, count)
+        if node is not None and node.gone is not None and ino not in self.inodes.nodes:
+            _let_go(node.gone)
+            node.gone = None
         if self.per_inode_io:
             node = self.inodes.nodes.get(ino)
             if node is not None and node.implicit and node.nlookup <= 0:
@@ -671,6 +684,11 @@ class Union:
             if node.handles:
                 return os.fstat(self.handles[next(iter(node.handles))].fd)
             if node.upper or not node.lowers:
+                gone = node.gone
+                if isinstance(gone, int):
+                    return os.fstat(gone)
+                if gone is not None:
+                    return gone
                 raise _err(errno.ENOENT)
             # a removed lower object is still where it was in its branch
         branch, rel = self.where(node)
@@ -1302,25 +1320,30 @@ class Union:
         below = lower_exists(entries)
         if is_dir and self._whiteouts_refuse(node, below, replaced=False):
             raise _err(errno.ENOTEMPTY)
-        if is_dir:
-            pfd = self._upper_dir(parent)  # its own fd: removing a directory drops the cache
-            try:
+        gone = self._keep_gone(node, st) if in_upper else None
+        try:
+            if is_dir:
+                pfd = self._upper_dir(parent)  # its own fd: removing a directory drops the cache
+                try:
+                    if below:
+                        self._make_whiteout(pfd, name, "dir" if in_upper else None)
+                    elif in_upper:
+                        self._remove_upper(pfd, name, True)
+                finally:
+                    os.close(pfd)
+            else:
+                self.copy_up(parent)
+                assert self.upper is not None
+                pfd = self.upper.dir_fd(parent.path())  # borrowed: nothing here moves dirs
                 if below:
-                    self._make_whiteout(pfd, name, "dir" if in_upper else None)
+                    self._make_whiteout(pfd, name, "file" if in_upper else None)
                 elif in_upper:
-                    self._remove_upper(pfd, name, True)
-            finally:
-                os.close(pfd)
-        else:
-            self.copy_up(parent)
-            assert self.upper is not None
-            pfd = self.upper.dir_fd(parent.path())  # borrowed: nothing here moves directories
-            if below:
-                self._make_whiteout(pfd, name, "file" if in_upper else None)
-            elif in_upper:
-                os.unlink(name, dir_fd=pfd)
+                    os.unlink(name, dir_fd=pfd)
+        except BaseException:
+            _let_go(gone)
+            raise
         self._changed(parent, name)
-        self._after_unlink(node, parent, name)
+        self._after_unlink(node, parent, name, gone)
 
     def _hiding(self, node: Node, st: os.stat_result) -> None:
         """NODE's name is about to go (unlinked or replaced): if it is a name of a hard-linked
@@ -1346,9 +1369,30 @@ class Union:
             os.close(fd)
         return whiteouts_refuse_removal(True, copied_up, holds, lower_below, replaced)
 
-    def _after_unlink(self, node: Node, parent: Node, name: bytes) -> None:
+    def _after_unlink(self, node: Node, parent: Node, name: bytes,
+                      gone: int | os.stat_result | None = None) -> None:
+        """NODE lost the name PARENT/NAME; GONE: what `_keep_gone` kept of its object."""
         if node.is_dir or not node.drop_name(parent, name):
             node.unlinked = True
+            if gone is not None and node.gone is None:
+                node.gone, gone = gone, None
+        _let_go(gone)
+
+    def _keep_gone(self, node: Node, st: os.stat_result) -> int | os.stat_result | None:
+        """Upper NODE (its lstat ST) is about to be removed or replaced while the kernel holds
+        it: what its attributes will still be read from, as kernel overlayfs reads them from
+        the removed upper inode (an fstat of an open directory after its rmdir: st_nlink 0,
+        and on ext4 st_size 0). A directory is kept open (O_PATH) until the kernel forgets it;
+        a non-directory keeps ST (nothing of it changes but the link count, which `nlink`
+        makes 0), unless handles of it are open (then they are fstat'ed)."""
+        if self.inodes.nodes.get(node.ino) is not node or node.handles:
+            return None
+        if node.is_dir:
+            try:
+                return self._opath(node)
+            except OSError:
+                pass
+        return st
 
     def unlink(self, parent_ino: int, name: bytes) -> None:
         self._remove(parent_ino, name, want_dir=False)
@@ -1420,7 +1464,10 @@ class Union:
         src_below = lower_exists(sentries)
         assert self.upper is not None
         spfd = self._upper_dir(op)
+        gone: int | os.stat_result | None = None
         try:
+            if dnode is not None and dnode.upper:
+                gone = self._keep_gone(dnode, dst)
             dpfd = self._upper_dir(np)
             try:
                 due = self.upper.entry(np.path(), new_name)
@@ -1467,12 +1514,15 @@ class Union:
                     self._drop_wh(dpfd, new_name)
             finally:
                 os.close(dpfd)
+        except BaseException:
+            _let_go(gone)
+            raise
         finally:
             os.close(spfd)
         if s_dir:
             self._redirect_maps.pop(0, None)  # moved directories below it have new paths
         if dnode is not None:
-            self._after_unlink(dnode, np, new_name)
+            self._after_unlink(dnode, np, new_name, gone)
         snode.move_name(op, old_name, np, new_name)
         self._changed(op, old_name)
         self._changed(np, new_name)

@@ -591,7 +591,8 @@ def _op(mnt: bytes, fds: dict[int, int], name: str, kw: dict[str, Any]) -> Any:
         return os.pwrite(fds[kw["slot"]], kw["data"].data(), kw["offset"])
     if name == "fd_stat":
         s = os.fstat(fds[kw["slot"]])
-        return (_kind(s.st_mode), oct(stat.S_IMODE(s.st_mode)), s.st_size)
+        kind = _kind(s.st_mode)  # (a directory's size is its file system's: `stat_summary`)
+        return (kind, oct(stat.S_IMODE(s.st_mode)), None if kind == "dir" else s.st_size)
     if name == "fd_close":
         os.close(fds.pop(kw["slot"]))
         return None

@@ -5,6 +5,7 @@ since a dict never shrinks the table of its largest size. In-process."""
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,3 +86,43 @@ def test_kept_lower_stats_are_packed_and_come_back_field_for_field(tmp_path: Pat
             live = os.lstat(lower / rel.decode())
             for f in STAT_FIELDS:
                 assert getattr(again, f) == getattr(first, f) == getattr(live, f), (rel, f)
+
+
+def _open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def test_a_removed_directory_is_kept_open_until_the_kernel_forgets_it(tmp_path: Path) -> None:
+    """An upper directory removed while the kernel holds its inode keeps its attributes
+    readable (an fstat of an open directory after rmdir) through an fd the server keeps until
+    the kernel forgets the inode; a removed file keeps the lstat it had. No fd outlives the
+    forget, nor the union."""
+    lower = tmp_path / "l"
+    (lower / "lowdir").mkdir(parents=True)
+    with in_process_union(tmp_path, [lower]) as u:
+        d, _ = u.mkdir(1, b"d", 0o750)
+        fh, f, fst = u.create(1, b"f", 0o640, os.O_WRONLY)
+        u.release(fh)
+        low, low_st = u.lookup(1, b"lowdir")
+        before = _open_fds()  # (after what the union opens and keeps on its first requests)
+        u.rmdir(1, b"d")
+        u.unlink(1, b"f")
+        u.rmdir(1, b"lowdir")
+        kept = _open_fds() - before
+        assert len(kept) == 1  # the upper directory's; the lower one is still in its layer
+        node, st = u.getattr(d.ino)
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o750
+        assert u.nlink(node, st) == 0
+        node, st = u.getattr(f.ino)
+        assert (st.st_ino, stat.S_IMODE(st.st_mode), u.nlink(node, st)) == (
+            fst.st_ino, 0o640, 0)
+        node, st = u.getattr(low.ino)
+        assert (st.st_ino, u.nlink(node, st)) == (low_st.st_ino, 0)
+        u.forget(d.ino, 1)
+        assert _open_fds() == before
+        with pytest.raises(OSError):
+            u.getattr(d.ino)  # (forgotten)
+        u.mkdir(1, b"d", 0o700)  # (kept open at its rmdir: closed with the union)
+        u.rmdir(1, b"d")
+        assert len(_open_fds() - before) == 1
+    assert not (_open_fds() - before)  # closed with the union
