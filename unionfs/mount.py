@@ -8,6 +8,7 @@ session. SIGTERM, SIGINT and SIGHUP end the loop; the mount is always closed in 
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable
@@ -198,10 +199,24 @@ def set_readahead(mountpoint: str, kib: int) -> bool:
     return True
 
 
+def raise_open_files_limit() -> None:
+    """Let the server hold as many fds as it may: every file the kernel has open is one here,
+    and so is every removed upper directory the kernel still holds (`Union._keep_gone`). The
+    soft RLIMIT_NOFILE goes up to the hard one, as libfuse's passthrough examples and
+    virtiofsd raise theirs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
     """Mount and serve until unmounted or signalled. Returns the number of handler bugs."""
     # modes of new objects are exactly what callers ask for (their umask is applied per request)
     os.umask(0)
+    raise_open_files_limit()
     union = Union(config)
     stats_path = os.environ.get(STATS_ENV) or None
     ops = UnionOperations(union, timeout=config.timeout, writeback=config.writeback,

@@ -4,6 +4,7 @@ daemonizing, mount(8) helper use, signals and clean unmounts."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -370,3 +371,27 @@ def test_other_command_lines_go_to_argparse(argv: list[str]) -> None:
     if argv == ["-olowerdir=/a", "/mnt"]:  # attached values are argparse's to parse
         args, parser = cli.parse_args(argv)
         assert parser is not None and args.options == ["lowerdir=/a"]
+
+
+def _soft_open_files_limit(pid: int) -> tuple[str, str]:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return soft, hard
+    raise AssertionError("no open files limit")
+
+
+def test_the_server_raises_its_open_files_limit_to_the_hard_one(stack: Stack) -> None:
+    """Every file the kernel has open is an fd in the server (and so is every removed directory
+    it still holds): started with a soft limit of 256, the server serves with the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+    try:
+        with stack.mount() as m:
+            assert m.server is not None
+            got = _soft_open_files_limit(m.server.pid)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    want = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    assert got == (want, want)
