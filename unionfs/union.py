@@ -1384,7 +1384,9 @@ class Union:
         the removed upper inode (an fstat of an open directory after its rmdir: st_nlink 0,
         and on ext4 st_size 0). A directory is kept open (O_PATH) until the kernel forgets it;
         a non-directory keeps ST (nothing of it changes but the link count, which `nlink`
-        makes 0), unless handles of it are open (then they are fstat'ed)."""
+        makes 0), unless handles of it are open (then they are fstat'ed). An unlinked node
+        without handles gets none (`open` refuses it), so the kernel's forget, or the
+        unmount, is where a kept fd is closed."""
         if self.inodes.nodes.get(node.ino) is not node or node.handles:
             return None
         if node.is_dir:
