@@ -667,9 +667,11 @@ def test_a_mount_unpacks_only_the_directory_records_it_uses(scratch: Path) -> No
         u.close()
 
 
-def test_index_load_is_fast_enough(scratch: Path) -> None:
-    """A rootfs-size stack (20k names in 2k directories over 4 layers) loads and is checked in
-    well under a second (a loose bound: this machine is shared and noisy)."""
+def test_loading_a_rootfs_size_index_decodes_no_directory(scratch: Path) -> None:
+    """A rootfs-size stack (20k names in 2k directories over 4 layers): loading its index and
+    checking it decodes no directory's names (what made a load grow with the image: 37 ms for
+    100,000 names), and a lookup then decodes those on its way. (How long loads take is the
+    benchmarks' business, see benchmarks/README.md, not a timed test's.)"""
     lowers = [scratch / f"l{i}" for i in range(4)]
     for i, p in enumerate(lowers):
         for d in range(500):
@@ -679,9 +681,17 @@ def test_index_load_is_fast_enough(scratch: Path) -> None:
                 (dd / f"f{f}").touch()
     index = scratch / "idx"
     layerindex.write([str(p) for p in lowers], str(index))
-    t = time.perf_counter()
-    _union(lowers, None, None, index).close()
-    assert time.perf_counter() - t < 2.0
+    u = _union(lowers, None, None, index)
+    try:
+        assert u.lindex is not None
+        records = u.lindex.records.values()
+        assert len(records) == 1 + 500 + 2000
+        assert not any(rec._names is not None for rec in records)
+        found = u._walk(b"d123/s2/f7")
+        assert found is not None and found[2].kind is Kind.OTHER and found[2].branches == (2,)
+        assert sum(rec._names is not None for rec in records) == 3  # /, d123, d123/s2
+    finally:
+        u.close()
 
 
 if __name__ == "__main__":  # pragma: no cover
