@@ -64,14 +64,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from .branch import Branch, join, split
 from .core.readdir import Listing
 from .core.resolve import BranchEntry, Kind, Resolution, resolve
-from .lowercache import write_atomically
+from .lowercache import seal, unseal, write_atomically
 from .statpack import pack as _pack
 from .statpack import unpack as _stat_result
 
 AUTO = "auto"
 """`lowerindex=auto`: the index kept in the lower cache directory (see `lowercache`)."""
 MAGIC = b"unionfs-lowerindex"
-VERSION = 3
+VERSION = 4
 CHECKS = ("dirs", "files", "roots")
 ATTR_CHECKS = ("files", "roots")
 """The checks under which the index's attributes are served (`LowerIndex.stat`): `files`
@@ -131,7 +131,7 @@ def build(lowers: Sequence[str]) -> bytes:
     paths = [os.path.realpath(p) for p in lowers]
     branches = [Branch(i, p, writable=False) for i, p in enumerate(paths)]
     try:
-        return _encode(paths, branches)
+        return seal(_encode(paths, branches))
     finally:
         for b in branches:
             b.close()
@@ -146,7 +146,8 @@ def write(lowers: Sequence[str], dest: str, mode: int = 0o644) -> None:
 def _encode(paths: Sequence[str], branches: Sequence[Branch]) -> bytes:
     """Walk the merged lower view breadth-first from the root.
 
-    File content: marshal of (MAGIC, VERSION, identities, roots, records, redirects, dirstats):
+    File content: marshal of (MAGIC, VERSION, identities, roots, records, redirects, dirstats),
+    then its CRC-32 (`lowercache.seal`: a damaged file is refused at load, not at a lookup):
     - identities: per layer (realpath, st_dev, st_ino, mtime_ns, ctime_ns) of its root;
     - roots: per layer (opaque, redirect or None) of its root directory;
     - records: (layers, names, attrs) per merged directory; layers as `Layers` with lower
@@ -257,13 +258,8 @@ class _Record:
         """name -> (lower position, entry code, ...) of the non-missing entries, unpacked on
         first use."""
         names = self._names
-        if names is None:
-            try:
-                names = marshal.loads(self.packed_names)
-            except (EOFError, ValueError, TypeError):
-                raise LowerIndexError("lower index: a directory record does not unpack; "
-                                      "rebuild it (unionfs index build)") from None
-            self._names = names
+        if names is None:  # (the file's checksum was verified at load)
+            names = self._names = marshal.loads(self.packed_names)
         return names
 
 
@@ -458,7 +454,8 @@ def load(path: str, branches: Sequence[Branch], first: int, check: str = "dirs"
                               f"got {check!r}")
     try:
         with open(path, "rb") as f:
-            data = marshal.loads(f.read())
+            raw = f.read()
+        data = marshal.loads(raw)  # (what follows the marshal, the checksum, is ignored)
     except OSError as e:
         raise LowerIndexError(f"lower index {path!r}: {e.strerror or e}") from None
     except (EOFError, ValueError, TypeError):
@@ -468,6 +465,9 @@ def load(path: str, branches: Sequence[Branch], first: int, check: str = "dirs"
     if data[1] != VERSION:
         raise LowerIndexError(f"lower index {path!r}: format version {data[1]}, expected "
                           f"{VERSION}: rebuild it (unionfs index build)")
+    if unseal(raw) is None:
+        raise LowerIndexError(f"lower index {path!r}: damaged (its checksum does not match): "
+                              f"rebuild it (unionfs index build)")
     _, _, idents, roots, records, redirects, dirstats = data
     _check(path, idents, branches, dirstats if check != "roots" else ())
     index = LowerIndex(first, roots, records, redirects, attrs=check in ATTR_CHECKS)

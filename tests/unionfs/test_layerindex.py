@@ -6,6 +6,7 @@ bottom-layer name must make no system call in the other layers (strace)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import pytest
@@ -237,6 +239,14 @@ def test_stale_index_is_refused(scratch: Path) -> None:
         _union(lowers[:2], None, None, index)
     index.write_bytes(b"garbage")
     with pytest.raises(layerindex.LowerIndexError, match="not an index file"):
+        _union(lowers, None, None, index)
+    # damaged where it still unmarshals: a directory's packed names changed in place
+    (lowers[0] / "d" / "zq-name0").touch()
+    layerindex.write([str(p) for p in lowers], str(index))
+    data = bytearray(index.read_bytes())
+    data[data.index(b"zq-name0") + 7] = ord("9")  # (inside d/'s packed names)
+    index.write_bytes(bytes(data))
+    with pytest.raises(layerindex.LowerIndexError, match="damaged"):
         _union(lowers, None, None, index)
     # a directory replaced by another of the same name (new inode)
     layerindex.write([str(p) for p in lowers], str(index))
@@ -639,16 +649,24 @@ def test_mounted_attributes_same_with_index_without_and_overlayfs(scratch: Path)
         assert not diffs, "\n".join(diffs)
 
 
-def test_a_mount_unpacks_only_the_directory_records_it_uses(scratch: Path) -> None:
-    """Each directory's names are packed on their own: loading the index decodes none of
-    them, a lookup those of the directories on its way, and `drop_caches` lets them go."""
-    lowers = wide_layers(scratch, 2, 30)
+@contextlib.contextmanager
+def _indexed_union(scratch: Path, lowers: list[Path]
+                   ) -> Iterator[tuple[Union, Collection[layerindex._Record]]]:
+    """A union over LOWERS with their index (built in SCRATCH), and the index's records."""
     index = scratch / "idx"
     layerindex.write([str(p) for p in lowers], str(index))
     u = _union(lowers, None, None, index)
     try:
         assert u.lindex is not None
-        records = u.lindex.records.values()
+        yield u, u.lindex.records.values()
+    finally:
+        u.close()
+
+
+def test_a_mount_unpacks_only_the_directory_records_it_uses(scratch: Path) -> None:
+    """Each directory's names are packed on their own: loading the index decodes none of
+    them, a lookup those of the directories on its way, and `drop_caches` lets them go."""
+    with _indexed_union(scratch, wide_layers(scratch, 2, 30)) as (u, records):
         assert len(records) == 61  # the root, 30 directories, their sub/
 
         def unpacked() -> list[object]:
@@ -663,8 +681,6 @@ def test_a_mount_unpacks_only_the_directory_records_it_uses(scratch: Path) -> No
         f1, f2 = u._walk(b"d07/f1"), u._walk(b"d07/f2")
         assert f1 is not None and f1[2].kind is Kind.OTHER and f1[2].branches == (1,)
         assert f2 is not None and f2[2].kind is Kind.MISSING
-    finally:
-        u.close()
 
 
 def test_loading_a_rootfs_size_index_decodes_no_directory(scratch: Path) -> None:
@@ -679,19 +695,12 @@ def test_loading_a_rootfs_size_index_decodes_no_directory(scratch: Path) -> None
             dd.mkdir(parents=True)
             for f in range(10):
                 (dd / f"f{f}").touch()
-    index = scratch / "idx"
-    layerindex.write([str(p) for p in lowers], str(index))
-    u = _union(lowers, None, None, index)
-    try:
-        assert u.lindex is not None
-        records = u.lindex.records.values()
+    with _indexed_union(scratch, lowers) as (u, records):
         assert len(records) == 1 + 500 + 2000
         assert not any(rec._names is not None for rec in records)
         found = u._walk(b"d123/s2/f7")
         assert found is not None and found[2].kind is Kind.OTHER and found[2].branches == (2,)
         assert sum(rec._names is not None for rec in records) == 3  # /, d123, d123/s2
-    finally:
-        u.close()
 
 
 if __name__ == "__main__":  # pragma: no cover
