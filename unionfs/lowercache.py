@@ -61,6 +61,7 @@ import stat
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from stat import S_ISDIR
 
 from . import sys_linux as sl
 from .branch import split
@@ -250,10 +251,10 @@ class LayerCache:
     against the layer in this mount; what the branch reads is handed back (`learn_*`)."""
 
     def __init__(self, cache_dir: str, layer_path: str, root_fd: int,
-                 lstat: Callable[[bytes], os.stat_result], stack: Stack | None = None) -> None:
-        # the layer's own lstat of a path (`Branch.lstat`: by name from the parent's fd, never
-        # through a symlink, never cached)
-        self._lstat = lstat
+                 dir_fd: Callable[[bytes], int], stack: Stack | None = None) -> None:
+        # the layer's O_PATH fd of a directory (`Branch.dir_fd`: opened beneath the root, never
+        # through a symlink): a directory is checked by name from its parent's
+        self._dir_fd = dir_fd
         self._root_fd = root_fd
         self.key = layer_key(layer_path, root_fd)
         self.cache_dir = cache_dir
@@ -288,27 +289,31 @@ class LayerCache:
             return None
         d = _unpack(blob)
         if d is not None:
+            # (the lstat and `identity` inline: a deep stack checks every layer's directory here)
+            parent, _, name = rel.rpartition(b"/")
             try:
-                st: os.stat_result | None = self._lstat(rel)
+                st = os.stat(name, dir_fd=self._dir_fd(parent) if parent else self._root_fd,
+                             follow_symlinks=False) if name else os.fstat(self._root_fd)
             except OSError:
-                st = None
-            if (st is not None and stat.S_ISDIR(st.st_mode)
-                    and (st.st_ino, st.st_mtime_ns, st.st_ctime_ns) == d[:3]):  # (`identity`)
-                self._current[rel] = d
-                return d
+                pass
+            else:
+                if (st.st_ino == d[0] and st.st_mtime_ns == d[1] and st.st_ctime_ns == d[2]
+                        and S_ISDIR(st.st_mode)):
+                    self._current[rel] = d
+                    return d
         del self._loaded[rel]
         self._stale[rel] = blob
         return None
 
     def listing(self, rel: bytes) -> Listing | None:
-        d = self._record(rel)
+        d = self._current.get(rel) or self._record(rel)
         if d is None or d[3] is None:
             return None
         self.hits += 1
         return _decode(d[3])
 
     def names(self, rel: bytes) -> tuple[Mapping[bytes, object], Iterable[bytes]] | None:
-        d = self._record(rel)
+        d = self._current.get(rel) or self._record(rel)  # (a deep stack asks every layer)
         if d is None or d[3] is None:
             return None
         self.hits += 1
@@ -316,7 +321,7 @@ class LayerCache:
         return enc[0], enc[1]
 
     def dir_info(self, rel: bytes) -> tuple[bool, bytes | None] | None:
-        d = self._record(rel)
+        d = self._current.get(rel) or self._record(rel)
         if d is None or d[4] is None:
             return None
         self.hits += 1

@@ -78,6 +78,13 @@ _PLAIN_DIR = BranchEntry(Kind.DIR)
 _UPPER_OTHER = Resolution(Kind.OTHER, (0,))  # a non-directory of the upper branch
 
 
+class _PlainPaths(dict):  # type: ignore[type-arg]
+    """`_resolve`'s paths when each is the parent's path in its branch plus the name (no
+    moved directory on the way), so `_lookup_child` need not compare them one by one."""
+
+    __slots__ = ()
+
+
 # `shrink` once the kernel holds fewer than a quarter of at least this many inodes
 SHRINK_MIN_NODES = 4096
 SHRINK_CASCADE_NODES = 64
@@ -204,7 +211,7 @@ class Union:
             stack = lowercache.Stack()
             for b in self.branches:
                 if not b.writable:
-                    b.known = cache = LayerCache(config.lowercache, b.path, b.fd, b.lstat, stack)
+                    b.known = cache = LayerCache(config.lowercache, b.path, b.fd, b.dir_fd, stack)
                     self.lcaches.append(cache)
         self.privileged = os.geteuid() == 0
         self._fh = itertools.count(1)
@@ -374,7 +381,7 @@ class Union:
             if known is not None:
                 return known
         entries: list[tuple[int, BranchEntry]] = []
-        paths: dict[int, bytes] = {}
+        paths: dict[int, bytes] = _PlainPaths()
         redirected: list[tuple[int, BranchEntry]] | None = None
         beside = bool(parent.lowers)  # (see `Branch.entry`)
         if len(parent.lowers) >= HOLDERS_MIN_LAYERS:
@@ -383,18 +390,21 @@ class Union:
             probe = self.layers(parent)
         for branch, rel in probe:
             e = branch.entry(rel, name, beside)
-            entries.append((branch.index, e))
+            b = branch.index
+            entries.append((b, e))
             if redirected is not None:
                 continue  # what lies under this very name still counts for whiteouts
-            paths[branch.index] = join(rel, name)
-            if e.kind is Kind.DIR and e.redirect is not None and not e.opaque:
+            paths[b] = rel + b"/" + name if rel else name  # (`join` inline: once per layer)
+            if e.redirect is not None and e.kind is Kind.DIR and not e.opaque:
                 # a moved directory: the branches below hold its content elsewhere
                 target = self._redirect_path(parent, branch.index, e.redirect)
                 redirected = list(entries)
                 for b, r in self._lower_layers_at(target, branch.index):
                     redirected.append((b, _PLAIN_DIR))
                     paths[b] = r
-        return resolve(redirected if redirected is not None else entries), entries, paths
+        if redirected is not None:
+            return resolve(redirected), entries, dict(paths)
+        return resolve(entries), entries, paths
 
     def _holding_layers(self, parent: Node, name: bytes) -> list[tuple[Branch, bytes]]:
         """`layers(parent)` without the lower layers whose directory neither holds NAME nor
@@ -492,7 +502,7 @@ class Union:
         is_dir = res.kind is Kind.DIR
         upper = self.upper is not None and top == 0
         if is_dir:
-            lowers = tuple((b, paths[b]) for b in res.branches if not (upper and b == 0))
+            lowers = tuple([(b, paths[b]) for b in res.branches if not (upper and b == 0)])
         else:
             lowers = () if upper else ((top, paths[top]),)
         ino = self.inodes.number(st.st_dev, st.st_ino)
@@ -620,8 +630,9 @@ class Union:
                 children = parent.children = {}
             rels = self._lower_map(parent).rels
             up = parent.path() if parent.upper else None
-            if all(paths.get(b) == join(up, name) if b == 0 and up is not None else
-                   b in rels and paths.get(b) == join(rels[b], name) for b in res.branches):
+            if type(paths) is _PlainPaths or all(
+                    paths.get(b) == join(up, name) if b == 0 and up is not None else
+                    b in rels and paths.get(b) == join(rels[b], name) for b in res.branches):
                 children[name] = self._resolutions.setdefault(res, res)
             else:
                 children[name] = (res, paths)

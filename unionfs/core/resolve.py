@@ -66,24 +66,27 @@ NOT_FOUND = Resolution(Kind.MISSING)
 
 def resolve(entries: Iterable[tuple[int, BranchEntry]]) -> Resolution:
     """Fold per-branch entries (top-first, only branches that contribute to the parent)."""
+    # (the kinds as locals: a deep stack folds one entry per layer, and looking an enum member
+    # up costs more than the rest of the step)
+    DIR, OTHER, WHITE = Kind.DIR, Kind.OTHER, Kind.WHITEOUT
     layers: list[int] = []
     for branch, e in entries:
-        k = e.kind
-        if k is Kind.WHITEOUT:
-            break
-        if k is Kind.DIR:
+        k = e[0]  # (kind)
+        if k is DIR:
             layers.append(branch)
-            if e.opaque or e.hides_below:
+            if e[1] or e[2]:  # (opaque, hides_below)
                 break
             continue
-        if k is Kind.OTHER:
-            if not layers:
-                return Resolution(Kind.OTHER, (branch,))
+        if k is WHITE:
             break
-        if e.hides_below:
+        if k is OTHER:
+            if not layers:
+                return Resolution(OTHER, (branch,))
+            break
+        if e[2]:
             break
     if layers:
-        return Resolution(Kind.DIR, tuple(layers))
+        return Resolution(DIR, tuple(layers))
     return NOT_FOUND
 
 
