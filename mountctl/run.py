@@ -75,6 +75,8 @@ CONTAINER_CAPS = frozenset({
 """What root in the container keeps: docker's default set without CAP_MKNOD (there is no
 device cgroup here). No CAP_SYS_ADMIN: the container cannot remount /sys or its volumes."""
 MOUNT_TIMEOUT = 30.0
+SERVER_MAIN = "import sys; from unionfs.cli import main; sys.exit(main())"
+EXIT_WITH_PARENT_ENV = "UNIONFS_EXIT_WITH_PARENT"  # (unionfs.cli's, not imported: see there)
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 OVERLAY_DATA_MAX = 4000
@@ -117,10 +119,14 @@ class _Signals:
         for s in FORWARDED:
             self.old[s] = signal.signal(s, self._handler)
 
-    def take(self) -> list[int]:
+    def drain(self) -> None:
+        """Empty the wakeup pipe (the signals stay pending)."""
         with contextlib.suppress(BlockingIOError):
             while os.read(self.r, 512):
                 pass
+
+    def take(self) -> list[int]:
+        self.drain()
         out, self.pending = self.pending, []
         return out
 
@@ -239,14 +245,35 @@ def start_unionfs(lowers: Sequence[Path], c: Container, signals: _Signals,
                                 if index is not None else [])])
     log = c.dir / "unionfs.log"
     with open(log, "ab") as logf:
+        # (`-c`, not `-m unionfs`: runpy costs the server 4 ms of imports; the server asks
+        # for SIGTERM at our death itself, which keeps Popen on vfork, see unionfs.cli)
         server = subprocess.Popen(
-            [sys.executable, "-m", "unionfs", "-f", "-o", opts, str(c.merged)],
+            [sys.executable, "-c", SERVER_MAIN, "-f", "-o", opts, str(c.merged)],
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
-            close_fds=True, preexec_fn=lambda: sc.set_pdeathsig(signal.SIGTERM))
+            close_fds=True, env={**os.environ, EXIT_WITH_PARENT_ENV: str(os.getpid())})
     union = _Union("fuse", c.merged, server, log)
-    deadline = time.monotonic() + MOUNT_TIMEOUT
     try:
-        while (_mounted_fs(c.merged) or "").split(".")[0] != "fuse":
+        _wait_mounted(union, server, signals, time.monotonic() + MOUNT_TIMEOUT)
+    except BaseException:
+        union.teardown()
+        raise
+    return union
+
+
+def _wait_mounted(union: _Union, server: subprocess.Popen[bytes], signals: _Signals,
+                  deadline: float) -> None:
+    """Wait until SERVER's FUSE mount is on union.merged: woken by the kernel when the mount
+    table changes (a poll of /proc/self/mountinfo reports POLLPRI), when the server exits or
+    a signal arrives, not by a timer (a container start waits for this mount, and on a small
+    machine a loop re-reading the table takes CPU from the server starting up)."""
+    table = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)  # (before looking)
+    pidfd = os.pidfd_open(server.pid)
+    try:
+        poller = select.poll()
+        poller.register(table, select.POLLPRI)
+        poller.register(pidfd, select.POLLIN)
+        poller.register(signals.r, select.POLLIN)
+        while (_mounted_fs(union.merged) or "").split(".")[0] != "fuse":
             if server.poll() is not None:
                 detail = union.log_tail()
                 raise RunError("unionfs could not mount the container's root"
@@ -254,14 +281,15 @@ def start_unionfs(lowers: Sequence[Path], c: Container, signals: _Signals,
                                   f" (exit status {server.returncode})"))
             if signals.abort_requested() is not None:
                 raise RunError("interrupted while mounting", 128 + signals.pending[0])
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise RunError(f"unionfs did not mount the container's root within "
                                f"{MOUNT_TIMEOUT:.0f}s")
-            time.sleep(0.002)  # (a container start waits for this mount)
-    except BaseException:
-        union.teardown()
-        raise
-    return union
+            poller.poll(max(1, int(left * 1000)))
+            signals.drain()  # (what arrived is in `pending`; forwarded once the container runs)
+    finally:
+        os.close(pidfd)
+        os.close(table)
 
 
 def mount_union(store: Store, lowers: Sequence[Path], c: Container, driver: str,

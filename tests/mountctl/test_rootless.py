@@ -157,7 +157,7 @@ def test_rootless_server_death_and_signals(single: Mctl) -> None:
                      "echo ready; while :; do cat /data/hello.txt >/dev/null; sleep 0.05; done")
     wait_line(p, "ready")
     servers = [pid for pid, cmd in cmdlines()
-               if "-m unionfs" in cmd and str(single.root) in cmd]
+               if "lowerdir=" in cmd and str(single.root) in cmd]
     assert len(servers) == 1
     start = time.monotonic()
     os.kill(servers[0], signal.SIGKILL)

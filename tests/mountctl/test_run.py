@@ -211,7 +211,7 @@ def test_unionfs_server_killed_mid_run(mc: Mctl) -> None:
     p = mc.popen("run", *FUSE, "--name", "victim", "busybox-test",
                  "echo ready; while :; do cat /data/hello.txt >/dev/null; sleep 0.05; done")
     wait_line(p, "ready")
-    servers = [pid for pid, cmd in cmdlines() if "-m unionfs" in cmd and str(mc.root) in cmd]
+    servers = [pid for pid, cmd in cmdlines() if "lowerdir=" in cmd and str(mc.root) in cmd]
     assert len(servers) == 1
     start = time.monotonic()
     os.kill(servers[0], signal.SIGKILL)
@@ -376,11 +376,21 @@ def test_run_imports_only_what_a_container_start_needs(mc: Mctl) -> None:
     shutil's compressors) and platform stay out of `run`. The real command, its imports
     profiled by Python itself (`PYTHONPROFILEIMPORTTIME`)."""
     mc.env["PYTHONPROFILEIMPORTTIME"] = "1"
-    p = mc("run", "--rm", *FUSE, "-u", "0", "busybox-test", "echo ran")
+    p = mc("run", "--name", "imports", *FUSE, "-u", "0", "busybox-test", "echo ran")
     assert p.returncode == 0 and p.stdout == "ran\n", p.stderr
-    imported = {line.rsplit("|", 1)[1].strip() for line in p.stderr.splitlines()
+
+    def imported(profile: str) -> set[str]:
+        return {line.rsplit("|", 1)[1].strip() for line in profile.splitlines()
                 if line.startswith("import time:") and "|" in line}
-    assert {"mountctl.run", "mountctl.containers", "json"} <= imported  # the profile was taken
+
+    mine = imported(p.stderr)
+    assert {"mountctl.run", "mountctl.containers", "json"} <= mine  # the profile was taken
     unwanted = {"dataclasses", "inspect", "hashlib", "_hashlib", "secrets", "tempfile",
                 "random", "platform", "ctypes.util"}
-    assert imported & unwanted == set()
+    assert mine & unwanted == set()
+    # the server it starts (its profile is in its log): not through runpy (`-m`), 4 ms
+    log = read_upper(mc.root, "imports").parent / "unionfs.log"
+    server = imported(log.read_text())
+    assert {"unionfs.cli", "unionfs.union", "pyfuse3"} <= server
+    assert server & {"runpy", "importlib.util"} == set()
+    mc.ok("rm", "imports")

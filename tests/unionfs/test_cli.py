@@ -395,3 +395,68 @@ def test_the_server_raises_its_open_files_limit_to_the_hard_one(stack: Stack) ->
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     want = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
     assert got == (want, want)
+
+
+_PARENT = """\
+import os, subprocess, sys
+server = subprocess.Popen([*sys.argv[1:-1], sys.argv[-1]], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL,
+                          env={**os.environ, "UNIONFS_EXIT_WITH_PARENT": str(os.getpid())})
+print(server.pid, flush=True)
+sys.stdin.readline()  # the test says when to die
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b") ", 1)[1][:1] != b"Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_server_started_with_exit_with_parent_goes_with_its_parent(stack: Stack) -> None:
+    """mountctl run starts the server with UNIONFS_EXIT_WITH_PARENT=its pid: when that parent
+    dies (SIGKILL, no clean-up of its own), the server unmounts and exits."""
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, *UNIONFS, "-f", "-o",
+                               _opts(stack), str(stack.mnt)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    server = 0
+    try:
+        assert parent.stdout is not None
+        server = int(parent.stdout.readline())
+        wait_mounted(stack.mnt)
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive(server) or is_mounted(stack.mnt):
+            assert time.monotonic() < deadline, "the server outlived its parent"
+            time.sleep(0.05)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(timeout=30)
+        if server and _alive(server):
+            os.kill(server, signal.SIGKILL)
+        unmount(stack.mnt)
+
+
+def test_exit_with_parent_refuses_a_parent_that_is_gone(stack: Stack) -> None:
+    """A server whose parent died before it could ask for the signal (the variable names
+    another pid) exits at once, mounting nothing: nobody would ever stop it."""
+    env = {**os.environ, "UNIONFS_EXIT_WITH_PARENT": "1"}  # (init is not our parent)
+    try:
+        p = subprocess.run([*UNIONFS, "-f", "-o", _opts(stack), str(stack.mnt)], env=env,
+                           capture_output=True, text=True, timeout=30)
+    finally:
+        unmount(stack.mnt)
+    assert p.returncode == 1
+    assert p.stderr == "unionfs: the process that started this server is gone\n"
+    assert not is_mounted(stack.mnt)
+
+
+def test_mountctl_and_unionfs_name_the_same_variable() -> None:
+    from mountctl import run as mountctl_run
+    from unionfs import cli
+
+    assert mountctl_run.EXIT_WITH_PARENT_ENV == cli.EXIT_WITH_PARENT_ENV
