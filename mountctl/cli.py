@@ -22,15 +22,17 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
 
 from mountctl import __version__, idmap, lindex, ovl
 from mountctl.containers import Container, ContainerError, Containers
-from mountctl.export import committed_config, export_upper, sidecar_lookup
 from mountctl.image import ImageError
-from mountctl.layers import remove_tree
+from mountctl.layerdirs import remove_tree
 from mountctl.spec import DRIVERS, RunOptions, SpecError, check_name
 from mountctl.store import Store, StoreError, resolve_root
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (typing stays out of `mountctl run`'s start-up)
+    from typing import IO, Any
 
 EXIT_FAIL = 1
 EXIT_USAGE = 2
@@ -255,6 +257,8 @@ def cmd_rm(store: Store, args: argparse.Namespace) -> int:
 
 
 def _export_here(store: Store, c: Container, fd: int) -> None:
+    from mountctl.export import export_upper, sidecar_lookup  # (tarfile: not at every run)
+
     lowers = store.lowerdirs(str(c.record["image_id"]))
     skip = [str(p) for p in c.record.get("mount_points", [])]
     with os.fdopen(os.dup(fd), "wb") as f:
@@ -312,6 +316,8 @@ def cmd_commit(store: Store, args: argparse.Namespace) -> int:
             while chunk := os.read(fd, 1 << 20):
                 h.update(chunk)
             diff_id = "sha256:" + h.hexdigest()
+            from mountctl.export import committed_config
+
             config = committed_config(base.config, diff_id, f"mountctl commit {c.short_id}")
             res = store.add_image(config, tmp, names=[args.name], source=f"container {c.id}")
         finally:
@@ -334,8 +340,38 @@ def cmd_check(store: Store, args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def _columns() -> int:
+    """The terminal's width as shutil.get_terminal_size() finds it ($COLUMNS, standard
+    output's terminal, else 80), without importing shutil (see `_Parser`)."""
+    with contextlib.suppress(ValueError):
+        if (n := int(os.environ.get("COLUMNS", ""))) > 0:
+            return n
+    try:
+        n = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+    return n if n > 0 else 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         _columns() - 2 if width is None else width)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with a help formatter that finds the terminal's width itself:
+    argparse's own imports shutil for it when an argument is added (with bz2 and lzma, 2 ms
+    of every container start)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="mountctl",
         description="Import container images and run them with unionfs (or kernel overlayfs) "
                     "as the root file system, as root or rootless.")
@@ -343,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store directory (default: $MOUNTCTL_ROOT, /var/lib/mountctl for root, "
                         "$XDG_DATA_HOME/mountctl otherwise)")
     p.add_argument("-V", "--version", action="version", version=f"mountctl {__version__}")
-    sub = p.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
+    sub = p.add_subparsers(dest="command_name", metavar="COMMAND", required=True,
+                           parser_class=_Parser)
 
     s = sub.add_parser("import", help="import a docker-archive or OCI layout (dir or tar)")
     s.add_argument("file")

@@ -23,11 +23,14 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from mountctl.jsonfile import write_json
 from mountctl.store import Store, StoreError
 from unionfs.tuples import NamedTuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (typing stays out of `mountctl run`'s start-up)
+    from typing import Any
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 

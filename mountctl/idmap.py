@@ -20,16 +20,18 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
 
 from mountctl import syscalls as sc
 from unionfs.tuples import NamedTuple
 
-Method = Literal["none", "single", "newuidmap"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (typing stays out of `mountctl run`'s start-up)
+    from typing import Any, Literal
+
+    Method = Literal["none", "single", "newuidmap"]
 HELPER_TIMEOUT = 30.0
 
 
@@ -156,6 +158,8 @@ def read_subids(path: str, uid: int) -> list[tuple[int, int]]:
 
 
 def helpers_present() -> bool:
+    import shutil  # (its compression modules: 2 ms of every run's start-up)
+
     return bool(shutil.which("newuidmap") and shutil.which("newgidmap"))
 
 

@@ -27,14 +27,17 @@ import os
 import posixpath
 import re
 import stat
-import tarfile
 from pathlib import Path
-from typing import IO, Any, Literal
 
 from unionfs.tuples import NamedTuple
 
-Compression = Literal["none", "gzip", "zstd"]
-ImageFormat = Literal["docker-archive", "oci-layout"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (typing and tarfile stay out of `mountctl run`'s start-up)
+    import tarfile
+    from typing import IO, Any, Literal
+
+    Compression = Literal["none", "gzip", "zstd"]
+    ImageFormat = Literal["docker-archive", "oci-layout"]
 
 MAX_JSON = 32 << 20
 """Largest index / manifest / config we agree to read into memory."""
@@ -256,6 +259,8 @@ class _DirSource(ImageSource):
 class _TarSource(ImageSource):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
+        import tarfile
+
         try:
             self._tar = tarfile.open(path, "r:*")
             members = self._tar.getmembers()

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from unionfs.lowercache import write_atomically
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (typing stays out of `mountctl run`'s start-up)
+    from typing import Any
 
 
 def write_json(path: Path, obj: Any, *, mode: int = 0o600, durable: bool = False) -> None:

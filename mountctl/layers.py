@@ -29,10 +29,8 @@ Compression (gzip, zstd, none) is detected from magic bytes, never from names or
 from __future__ import annotations
 
 import base64
-import contextlib
 import errno
 import gzip
-import json
 import os
 import shutil
 import stat
@@ -44,6 +42,7 @@ from typing import IO, Any, Protocol, cast
 
 from mountctl.image import ImageError, detect_compression, parse_digest
 from mountctl.jsonfile import write_json
+from mountctl.layerdirs import layer_path, meta_path, read_meta, remove_tree
 from unionfs.tuples import NamedTuple
 
 Progress = Callable[[int], None]
@@ -65,50 +64,6 @@ class ExtractResult(NamedTuple):
     bytes_read: int
     recorded: int
     """Number of sidecar entries: metadata the filesystem does not carry."""
-
-
-def layer_path(store: Path, diff_id: str) -> Path:
-    """`<store>/layers/sha256/<hex>`: where the layer with this diff_id lives."""
-    alg, hexpart = parse_digest(diff_id, "diff_id")
-    if alg != "sha256":
-        raise ImageError(f"diff_id {diff_id} is not sha256")
-    return Path(store) / "layers" / alg / hexpart
-
-
-def meta_path(store: Path, diff_id: str) -> Path:
-    """`<store>/layers/sha256/<hex>.meta.json`: the layer's sidecar."""
-    p = layer_path(store, diff_id)
-    return p.with_name(p.name + ".meta.json")
-
-
-def read_meta(store: Path, diff_id: str) -> dict[str, Any]:
-    """The sidecar of an extracted layer: {"version", "diff_id", "privileged", "entries"}."""
-    with open(meta_path(store, diff_id), "rb") as f:
-        meta: dict[str, Any] = json.load(f)
-    return meta
-
-
-def remove_tree(path: Path) -> None:
-    """rm -rf that also works unprivileged on read-only directories (it makes them writable,
-    never following a symlink)."""
-    if path.is_symlink() or not path.is_dir():
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        return
-    try:
-        shutil.rmtree(path)
-    except PermissionError:
-        os.chmod(path, 0o700)
-        _make_writable(path)
-        shutil.rmtree(path)
-
-
-def _make_writable(path: Path) -> None:
-    with os.scandir(path) as it:
-        for entry in it:
-            if entry.is_dir(follow_symlinks=False):
-                os.chmod(entry.path, 0o700)
-                _make_writable(Path(entry.path))
 
 
 # --------------------------------------------------------------------------- streams

@@ -27,7 +27,7 @@ import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from mountctl.layers import remove_tree
+from mountctl.layerdirs import remove_tree
 
 OPQ = ".wh..wh..opq"
 WH = ".wh."

@@ -51,16 +51,19 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
 
 from mountctl import idmap as ids_mod
 from mountctl import lindex, ovl, rootfs
 from mountctl import syscalls as sc
 from mountctl.containers import Container, Containers, new_id, proc_start_time
-from mountctl.layers import remove_tree
+from mountctl.layerdirs import remove_tree
 from mountctl.spec import ContainerSpec, RunOptions, SpecError, build_spec, resolve_user
 from mountctl.store import Store
 from unionfs.tuples import NamedTuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (typing stays out of `mountctl run`'s start-up)
+    from typing import NoReturn
 
 EXIT_SETUP = 125
 EXIT_CANNOT_EXEC = 126

@@ -20,13 +20,16 @@ from __future__ import annotations
 import posixpath
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
 
 from unionfs.tuples import NamedTuple
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DRIVERS = ("auto", "fuse", "overlay")
-Driver = Literal["auto", "fuse", "overlay"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (typing stays out of `mountctl run`'s start-up)
+    from typing import Any, Literal
+
+    Driver = Literal["auto", "fuse", "overlay"]
 MAX_ID = 2**32 - 2
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")

@@ -29,13 +29,16 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-from mountctl import layers
+from mountctl import layerdirs
 from mountctl.image import compute_digest, normalize_tag, open_source, read_image
 from mountctl.image import short_name as _short
 from mountctl.jsonfile import write_json
 from unionfs.tuples import NamedTuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (typing stays out of `mountctl run`'s start-up)
+    from typing import Any
 
 ImportProgress = Callable[[int, int], None]
 """Called with (bytes read so far, total bytes) over all layers an import extracts."""
@@ -155,11 +158,11 @@ class Store:
 
     def layer_path(self, diff_id: str) -> Path:
         """The extracted layer directory (a unionfs lower dir)."""
-        return layers.layer_path(self.root, diff_id)
+        return layerdirs.layer_path(self.root, diff_id)
 
     def layer_meta(self, diff_id: str) -> dict[str, Any]:
         """The layer's sidecar (see layers.py)."""
-        return layers.read_meta(self.root, diff_id)
+        return layerdirs.read_meta(self.root, diff_id)
 
     def lowerdirs(self, ref: str | ImageRecord) -> list[Path]:
         """The image's layer directories top layer first, as `lowerdir=` wants them.
@@ -237,6 +240,8 @@ class Store:
         `ref`/`platform` choose an image in a multi-image archive or index (image.read_image);
         `tags` replaces the archive's repo tags as the image's names. Raises ImageError for bad
         archives (nothing is then added to the store)."""
+        from mountctl import layers  # (the extraction machinery: not at every `run`)
+
         with self._locked(), open_source(path) as src:
             manifest = read_image(src, ref=ref, platform=platform)
             todo = {la.diff_id: la.size for la in manifest.layers
@@ -315,6 +320,8 @@ class Store:
             extracted: list[str] = []
             reused: list[str] = []
             if layer is not None:
+                from mountctl import layers  # (see import_image)
+
                 with open(layer, "rb") as f:
                     res = layers.extract_layer(f, self.root, diff_ids[-1])
                 (extracted if res.created else reused).append(diff_ids[-1])
@@ -361,7 +368,7 @@ class Store:
         for p in sorted(self.layers_dir.iterdir()):
             name = p.name
             if name.startswith((".tmp-", ".trash-")) or name.endswith(".tmp"):
-                layers.remove_tree(p)  # (`.tmp`: a record whose writer was killed, jsonfile)
+                layerdirs.remove_tree(p)  # (`.tmp`: a record whose writer was killed, jsonfile)
                 continue
             hexpart = name.removesuffix(".meta.json")
             if not _HEX64.fullmatch(hexpart) or f"sha256:{hexpart}" in used:
@@ -379,7 +386,7 @@ class Store:
             except OSError as e:
                 if e.errno != errno.ENOENT:
                     raise
-            layers.remove_tree(trash)
+            layerdirs.remove_tree(trash)
             with contextlib.suppress(FileNotFoundError):
                 (self.layers_dir / f"{hexpart}.meta.json").unlink()
             removed.append(f"sha256:{hexpart}")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import pty
+import struct
 import subprocess
 import sys
 import tarfile
+import termios
 import time
 from pathlib import Path
 
@@ -156,3 +159,42 @@ def test_rm_force_stops_a_running_container_and_export_to_stdout(
     finally:
         found = cleanup(m.root, m.mark)
     assert found == ([], [])
+
+
+
+_WIDTH = """\
+import json, shutil
+from mountctl import cli
+print(json.dumps([cli._columns(), shutil.get_terminal_size().columns]))
+"""
+
+
+def _widths(env: dict[str, str], columns: int | None) -> tuple[int, int]:
+    """(ours, shutil's) in a child whose standard output is a pipe, or a terminal of COLUMNS."""
+    if columns is None:
+        out = subprocess.run([sys.executable, "-c", _WIDTH], capture_output=True, text=True,
+                             env=env, timeout=60, check=True).stdout
+    else:
+        parent, child = pty.openpty()
+        try:
+            fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 30, columns, 0, 0))
+            subprocess.run([sys.executable, "-c", _WIDTH], stdout=child, env=env, timeout=60,
+                           check=True)
+            out = os.read(parent, 4096).decode()
+        finally:
+            os.close(child)
+            os.close(parent)
+    ours, theirs = json.loads(out.strip().splitlines()[-1])
+    return ours, theirs
+
+
+def test_help_is_as_wide_as_argparse_would_make_it() -> None:
+    """The parser finds the terminal's width itself (`cli._columns`, so that `run` does not
+    import shutil): what shutil.get_terminal_size() says, with $COLUMNS set, invalid or zero,
+    on a terminal of 97 columns, on one of 0 and without one."""
+    base = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    for columns_env, tty, want in [("61", None, 61), ("x", None, 80), ("0", None, 80),
+                                   (None, None, 80), (None, 97, 97), ("61", 97, 61),
+                                   ("0", 97, 97), (None, 0, 80)]:
+        env = base if columns_env is None else {**base, "COLUMNS": columns_env}
+        assert _widths(env, tty) == (want, want), (columns_env, tty)

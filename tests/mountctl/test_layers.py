@@ -19,14 +19,8 @@ from typing import Any
 import pytest
 
 from mountctl.image import ImageError
-from mountctl.layers import (
-    ExtractResult,
-    extract_layer,
-    layer_path,
-    meta_path,
-    read_meta,
-    remove_tree,
-)
+from mountctl.layerdirs import layer_path, meta_path, read_meta, remove_tree
+from mountctl.layers import ExtractResult, extract_layer
 from tests.helpers.images import (
     COMPRESSIONS,
     MALICIOUS_KINDS,

@@ -373,8 +373,9 @@ def test_run_imports_only_what_a_container_start_needs(mc: Mctl) -> None:
     """Every container start is a mountctl process, and what it imports is start-up time: the
     dataclasses module (with inspect and ast behind it, and about 0.7 ms per class it
     generates), hashlib (OpenSSL's libcrypto; secrets imports it too), tempfile (random,
-    shutil's compressors) and platform stay out of `run`. The real command, its imports
-    profiled by Python itself (`PYTHONPROFILEIMPORTTIME`)."""
+    shutil's compressors), platform, typing and what importing and exporting images need
+    stay out of `run` (`shutil` comes in for `--rm`'s removal, after the command ran). The
+    real command, its imports profiled by Python itself (`PYTHONPROFILEIMPORTTIME`)."""
     mc.env["PYTHONPROFILEIMPORTTIME"] = "1"
     p = mc("run", "--name", "imports", *FUSE, "-u", "0", "busybox-test", "echo ran")
     assert p.returncode == 0 and p.stdout == "ran\n", p.stderr
@@ -386,7 +387,11 @@ def test_run_imports_only_what_a_container_start_needs(mc: Mctl) -> None:
     mine = imported(p.stderr)
     assert {"mountctl.run", "mountctl.containers", "json"} <= mine  # the profile was taken
     unwanted = {"dataclasses", "inspect", "hashlib", "_hashlib", "secrets", "tempfile",
-                "random", "platform", "ctypes.util"}
+                "random", "platform", "ctypes.util",
+                # typing (2 ms); image import and export: tarfile, gzip, shutil (its bz2 and
+                # lzma), 7 ms together
+                "typing", "tarfile", "gzip", "shutil", "bz2", "lzma", "mountctl.layers",
+                "mountctl.export"}
     assert mine & unwanted == set()
     # the server it starts (its profile is in its log): not through runpy (`-m`), 4 ms
     log = read_upper(mc.root, "imports").parent / "unionfs.log"
