@@ -511,31 +511,7 @@ def cache_main(argv: Sequence[str]) -> int:
     return 0
 
 
-EXIT_WITH_PARENT_ENV = "UNIONFS_EXIT_WITH_PARENT"
-"""Set by a parent that starts the server as its child (mountctl run) to its own pid: the
-server then gets SIGTERM (unmount and exit) when that parent dies. The parent could ask the
-kernel for that itself in the child before the exec, but a `preexec_fn` makes Python fork
-instead of vfork, about 2 ms more per container start."""
-
-
-def exit_with_parent() -> bool:
-    """Honour EXIT_WITH_PARENT_ENV (taken out of the environment): False if the parent it
-    names is gone already (its death came before the request and will send nothing)."""
-    value = os.environ.pop(EXIT_WITH_PARENT_ENV, None)
-    if value is None:
-        return True
-    import signal
-
-    from .sys_linux import set_pdeathsig
-
-    set_pdeathsig(signal.SIGTERM)
-    return str(os.getppid()) == value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    if not exit_with_parent():
-        print("unionfs: the process that started this server is gone", file=sys.stderr)
-        return 1
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["cache"]:
         return cache_main(args_list[1:])

@@ -90,16 +90,6 @@ def fd_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-PR_SET_PDEATHSIG = 1
-
-
-def set_pdeathsig(signum: int) -> None:
-    """Ask the kernel to send SIGNUM to this process when its parent (thread) exits."""
-    if _libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signum), ctypes.c_ulong(0),
-                   ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
-        _raise()
-
-
 def malloc_trim() -> None:
     """Hand free heap memory back to the system (glibc); a no-op elsewhere."""
     trim = getattr(_libc, "malloc_trim", None)

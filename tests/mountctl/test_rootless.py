@@ -27,10 +27,10 @@ from tests.mountctl.test_run_helpers import (
     SUBID_START,
     Mctl,
     cleanup,
-    cmdlines,
     copy_for,
     make_root,
     read_upper,
+    unionfs_servers,
     wait_line,
 )
 
@@ -156,8 +156,7 @@ def test_rootless_server_death_and_signals(single: Mctl) -> None:
     p = single.popen("run", "--rm", *FUSE, "-u", "0", "busybox-test",
                      "echo ready; while :; do cat /data/hello.txt >/dev/null; sleep 0.05; done")
     wait_line(p, "ready")
-    servers = [pid for pid, cmd in cmdlines()
-               if "lowerdir=" in cmd and str(single.root) in cmd]
+    servers = unionfs_servers(single.root)
     assert len(servers) == 1
     start = time.monotonic()
     os.kill(servers[0], signal.SIGKILL)

@@ -7,6 +7,7 @@ left (the harness kills and unmounts them anyway, then fails the test).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import marshal
@@ -26,9 +27,9 @@ from tests.mountctl.conftest import ArchiveFactory
 from tests.mountctl.test_run_helpers import (
     Mctl,
     cleanup,
-    cmdlines,
     leftovers,
     read_upper,
+    unionfs_servers,
     wait_line,
 )
 
@@ -211,7 +212,7 @@ def test_unionfs_server_killed_mid_run(mc: Mctl) -> None:
     p = mc.popen("run", *FUSE, "--name", "victim", "busybox-test",
                  "echo ready; while :; do cat /data/hello.txt >/dev/null; sleep 0.05; done")
     wait_line(p, "ready")
-    servers = [pid for pid, cmd in cmdlines() if "lowerdir=" in cmd and str(mc.root) in cmd]
+    servers = unionfs_servers(mc.root)
     assert len(servers) == 1
     start = time.monotonic()
     os.kill(servers[0], signal.SIGKILL)
@@ -393,9 +394,42 @@ def test_run_imports_only_what_a_container_start_needs(mc: Mctl) -> None:
                 "typing", "tarfile", "gzip", "shutil", "bz2", "lzma", "mountctl.layers",
                 "mountctl.export"}
     assert mine & unwanted == set()
-    # the server it starts (its profile is in its log): not through runpy (`-m`), 4 ms
+    # the server (its profile is in its log) is forked, not exec'd: no second interpreter
+    # start (encodings, site: 16 ms before its first import), nothing imported twice
     log = read_upper(mc.root, "imports").parent / "unionfs.log"
     server = imported(log.read_text())
     assert {"unionfs.cli", "unionfs.union", "pyfuse3"} <= server
-    assert server & {"runpy", "importlib.util"} == set()
+    assert server & ({"encodings", "site", "runpy", "unionfs.layerindex"} | mine) == set()
     mc.ok("rm", "imports")
+
+
+def _fd_targets(pid: int) -> dict[int, str]:
+    out = {}
+    for n in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            out[int(n)] = os.readlink(f"/proc/{pid}/fd/{n}")
+    return out
+
+
+def test_the_server_keeps_no_fd_of_mountctl(mc: Mctl) -> None:
+    """The forked server holds none of mountctl's fds (its signal pipe; a lock file would stay
+    open, and locked, for the server's lifetime): standard input is /dev/null, output goes to
+    its log, the rest is its own (/dev/fuse, the branches, libfuse's pipes)."""
+    p = mc.popen("run", *FUSE, "--name", "fds", "busybox-test", "echo ready; sleep 100")
+    try:
+        wait_line(p, "ready")
+        (server,) = unionfs_servers(mc.root)
+        fds = _fd_targets(server)
+        mine = _fd_targets(p.pid)
+        log = str(read_upper(mc.root, "fds").parent / "unionfs.log")
+        assert (fds[0], fds[1], fds[2]) == ("/dev/null", log, log), fds
+        assert "/dev/fuse" in fds.values()
+        assert any(t.startswith("pipe:") for t in mine.values())  # (the signal pipe)
+        shared = set(fds.values()) & {t for t in mine.values() if t.startswith("pipe:")}
+        assert shared == set(), (fds, mine)
+        others = [t for n, t in fds.items() if n > 2]
+        assert not [t for t in others if t.endswith((".json", ".lock", "unionfs.log"))], fds
+    finally:
+        p.kill()
+        p.wait(timeout=30)
+    mc.ok("rm", "-f", "fds")

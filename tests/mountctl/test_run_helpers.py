@@ -237,6 +237,21 @@ def wait_line(p: subprocess.Popen[str], want: str, timeout: float = 30) -> None:
     raise AssertionError(f"no {want!r} from the container: {p.communicate(timeout=10)}")
 
 
+def unionfs_servers(root: Path) -> list[int]:
+    """The unionfs servers of runs in store ROOT: mountctl's forked children that named
+    themselves (comm) unionfs, with mountctl's command line (naming the store)."""
+    found = []
+    for pid, cmd in cmdlines():
+        try:
+            with open(f"/proc/{pid}/comm", "rb") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if comm == b"unionfs" and str(root) in cmd:
+            found.append(pid)
+    return found
+
+
 def cmdlines() -> list[tuple[int, str]]:
     out = []
     for d in os.listdir("/proc"):
