@@ -1,7 +1,5 @@
 """`python -m mountctl`: the command line (mountctl.cli)."""
 
-import sys
+from mountctl.cli import entry
 
-from mountctl.cli import main
-
-sys.exit(main())
+entry()

@@ -32,7 +32,7 @@ from mountctl.store import Store, StoreError, resolve_root
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # (typing stays out of `mountctl run`'s start-up)
-    from typing import IO, Any
+    from typing import IO, Any, NoReturn
 
 EXIT_FAIL = 1
 EXIT_USAGE = 2
@@ -450,6 +450,19 @@ def _text(e: BaseException) -> str:
 
 def _error(msg: str) -> None:
     print(f"mountctl: {msg}", file=sys.stderr)
+
+
+def entry() -> NoReturn:
+    """The `mountctl` command (and `python -m mountctl`): `main`, then the exit without the
+    interpreter's teardown, which frees every module's objects one by one (6 ms of every
+    command here; nothing of this process is needed once its output is flushed)."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # (the reader went away: what Python's own exit reports)
+        code = code or 120
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -198,3 +198,28 @@ def test_help_is_as_wide_as_argparse_would_make_it() -> None:
                                    ("0", 97, 97), (None, 0, 80)]:
         env = base if columns_env is None else {**base, "COLUMNS": columns_env}
         assert _widths(env, tty) == (want, want), (columns_env, tty)
+
+
+_ENTRY = """\
+import atexit, sys
+atexit.register(lambda: print("teardown"))
+sys.argv = ["mountctl", "--root", sys.argv[1], sys.argv[2]]
+from mountctl.cli import entry
+entry()
+"""
+
+
+def test_the_command_exits_without_the_interpreter_teardown(tmp_path: Path) -> None:
+    """`mountctl` (cli.entry) flushes its output and exits at once: the interpreter's teardown
+    (6 ms of every command) never runs, and the status is main's."""
+    ok = subprocess.run([sys.executable, "-c", _ENTRY, str(tmp_path / "store"), "images"],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.startswith("REPOSITORY") and "teardown" not in ok.stdout
+    bad = subprocess.run([sys.executable, "-c", _ENTRY, str(tmp_path / "store"), "inspect"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "teardown" in bad.stdout  # (argparse's exit: the usual way)
+    missing = subprocess.run(
+        [sys.executable, "-c", _ENTRY.replace('sys.argv[2]]', 'sys.argv[2], "nope"]'),
+         str(tmp_path / "store"), "inspect"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "nope" in missing.stderr
+    assert "teardown" not in missing.stdout
