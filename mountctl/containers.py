@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from mountctl.jsonfile import write_json
+from mountctl.names import is_hex, is_hex64
 from mountctl.store import Store, StoreError
 from unionfs.tuples import NamedTuple
 
@@ -32,7 +32,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # (typing stays out of `mountctl run`'s start-up)
     from typing import Any
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class ContainerError(StoreError):
@@ -143,7 +142,7 @@ class Containers:
         if not self.dir.is_dir():
             return out
         for d in self.dir.iterdir():
-            if not _HEX64.fullmatch(d.name):
+            if not is_hex64(d.name):
                 continue
             try:
                 rec = json.loads((d / "container.json").read_bytes())
@@ -161,7 +160,7 @@ class Containers:
         for c in every:
             if c.name == ref:
                 return c
-        if re.fullmatch(r"[0-9a-f]{1,64}", ref):
+        if is_hex(ref, 64):
             found = [c for c in every if c.id.startswith(ref)]
             if len(found) == 1:
                 return found[0]

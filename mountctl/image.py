@@ -29,6 +29,7 @@ import re
 import stat
 from pathlib import Path
 
+from mountctl.names import is_hex
 from unionfs.tuples import NamedTuple
 
 TYPE_CHECKING = False
@@ -113,7 +114,7 @@ def parse_digest(digest: object, what: str) -> tuple[str, str]:
     n = _HEX_LEN.get(alg)
     if n is None:
         raise ImageError(f"{what}: unsupported digest algorithm in {digest!r}")
-    if len(hexpart) != n or not re.fullmatch(r"[0-9a-f]+", hexpart):
+    if len(hexpart) != n or not is_hex(hexpart):
         raise ImageError(f"{what}: invalid digest {digest!r}")
     return alg, hexpart
 

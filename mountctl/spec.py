@@ -18,9 +18,9 @@ No I/O happens here: every input is a parameter, every failure a SpecError with 
 from __future__ import annotations
 
 import posixpath
-import re
 from collections.abc import Mapping, Sequence
 
+from mountctl.names import is_env_key, is_host_label, is_name
 from unionfs.tuples import NamedTuple
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -32,9 +32,6 @@ if TYPE_CHECKING:  # (typing stays out of `mountctl run`'s start-up)
     Driver = Literal["auto", "fuse", "overlay"]
 MAX_ID = 2**32 - 2
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-_ENV_KEY = re.compile(r"[^=\0]+")
 
 
 class SpecError(ValueError):
@@ -92,14 +89,14 @@ class ContainerSpec(NamedTuple):
 
 def check_name(name: str) -> str:
     """A container name: letters, digits, `_.-`, starting with a letter or digit."""
-    if not _NAME_RE.fullmatch(name):
+    if not is_name(name):
         raise SpecError(f"invalid container name {name!r}: use letters, digits, '_', '.', '-' "
                         "(starting with a letter or digit, at most 128 characters)")
     return name
 
 
 def check_hostname(name: str) -> str:
-    if not name or len(name) > 64 or not all(_HOST_LABEL.fullmatch(p) for p in name.split(".")):
+    if not name or len(name) > 64 or not all(is_host_label(p) for p in name.split(".")):
         raise SpecError(f"invalid hostname {name!r}: dot-separated labels of letters, digits "
                         "and '-', at most 64 characters")
     return name
@@ -110,7 +107,7 @@ def parse_env(items: Sequence[str], host_env: Mapping[str, str], what: str) -> l
     out = []
     for item in items:
         key, eq, value = item.partition("=")
-        if not _ENV_KEY.fullmatch(key) or "\0" in value:
+        if not is_env_key(key) or "\0" in value:
             raise SpecError(f"{what}: invalid environment variable {item!r} (expected KEY=VALUE)")
         if not eq:
             if key not in host_env:

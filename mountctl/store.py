@@ -25,7 +25,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from mountctl import layerdirs
 from mountctl.image import compute_digest, normalize_tag, open_source, read_image
 from mountctl.image import short_name as _short
 from mountctl.jsonfile import write_json
+from mountctl.names import is_hex, is_hex64
 from unionfs.tuples import NamedTuple
 
 TYPE_CHECKING = False
@@ -43,7 +43,6 @@ if TYPE_CHECKING:  # (typing stays out of `mountctl run`'s start-up)
 ImportProgress = Callable[[int, int], None]
 """Called with (bytes read so far, total bytes) over all layers an import extracts."""
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class StoreError(Exception):
@@ -179,7 +178,7 @@ class Store:
         out = []
         if self.images_dir.is_dir():
             for p in self.images_dir.glob("*.json"):
-                if not _HEX64.fullmatch(p.stem):
+                if not is_hex64(p.stem):
                     continue
                 try:
                     out.append(ImageRecord.from_json(json.loads(p.read_bytes()), str(p)))
@@ -197,7 +196,7 @@ class Store:
             if want in {_short(n) for n in rec.names}:
                 return rec
         prefix = ref.removeprefix("sha256:")
-        if re.fullmatch(r"[0-9a-f]{1,64}", prefix):
+        if is_hex(prefix, 64):
             found = [r for r in records if r.id.removeprefix("sha256:").startswith(prefix)]
             if len(found) == 1:
                 return found[0]
@@ -371,7 +370,7 @@ class Store:
                 layerdirs.remove_tree(p)  # (`.tmp`: a record whose writer was killed, jsonfile)
                 continue
             hexpart = name.removesuffix(".meta.json")
-            if not _HEX64.fullmatch(hexpart) or f"sha256:{hexpart}" in used:
+            if not is_hex64(hexpart) or f"sha256:{hexpart}" in used:
                 continue
             if name.endswith(".meta.json"):
                 if not (self.layers_dir / hexpart).exists():
