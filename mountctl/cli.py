@@ -13,7 +13,6 @@ else $MOUNTCTL_ROOT, else /var/lib/mountctl for root and $XDG_DATA_HOME/mountctl
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -23,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mountctl import __version__, idmap, lindex, ovl
+from mountctl import __version__, fastargs, idmap, lindex, ovl
 from mountctl.containers import Container, ContainerError, Containers
 from mountctl.image import ImageError
 from mountctl.layerdirs import remove_tree
@@ -32,6 +31,7 @@ from mountctl.store import Store, StoreError, resolve_root
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # (typing stays out of `mountctl run`'s start-up)
+    import argparse
     from typing import IO, Any, NoReturn
 
 EXIT_FAIL = 1
@@ -353,24 +353,26 @@ def _columns() -> int:
     return n if n > 0 else 80
 
 
-class _Formatter(argparse.HelpFormatter):
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
-                 width: int | None = None) -> None:
-        super().__init__(prog, indent_increment, max_help_position,
-                         _columns() - 2 if width is None else width)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse's parser with a help formatter that finds the terminal's width itself:
-    argparse's own imports shutil for it when an argument is added (with bz2 and lzma, 2 ms
-    of every container start)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """Every command's parser (argparse imported here: a run's usual command line is
+    read by `fastargs`)."""
+    import argparse
+
+    class _Formatter(argparse.HelpFormatter):
+        def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                     width: int | None = None) -> None:
+            super().__init__(prog, indent_increment, max_help_position,
+                             _columns() - 2 if width is None else width)
+
+    class _Parser(argparse.ArgumentParser):
+        """argparse's parser with a help formatter that finds the terminal's width itself:
+        argparse's own imports shutil for it when an argument is added (with bz2 and lzma, 2 ms
+        of every container start)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("formatter_class", _Formatter)
+            super().__init__(*args, **kwargs)
+
     p = _Parser(
         prog="mountctl",
         description="Import container images and run them with unionfs (or kernel overlayfs) "
@@ -466,8 +468,12 @@ def entry() -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    fast = fastargs.parse(sys.argv[1:] if argv is None else argv)
+    if fast is not None:
+        fast.func = cmd_run
+        args: argparse.Namespace = fast  # type: ignore[assignment]  # (the same attributes)
+    else:
+        args = build_parser().parse_args(argv)
     store = Store(resolve_root(args.root))
     try:
         code: int = args.func(store, args)

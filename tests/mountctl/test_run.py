@@ -394,7 +394,9 @@ def test_run_imports_only_what_a_container_start_needs(mc: Mctl) -> None:
                 "typing", "tarfile", "gzip", "shutil", "bz2", "lzma", "mountctl.layers",
                 "mountctl.export",
                 # the server is forked, and newuidmap is only for rootless runs (3 ms)
-                "subprocess"}
+                "subprocess",
+                # the usual run command line is read by mountctl.fastargs (10 ms with argparse)
+                "argparse", "gettext", "locale"}
     assert mine & unwanted == set()
     # the server (its profile is in its log) is forked, not exec'd: no second interpreter
     # start (encodings, site: 16 ms before its first import), nothing imported twice
