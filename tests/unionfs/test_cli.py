@@ -291,7 +291,9 @@ def test_server_start_imports_only_what_the_default_loop_needs(tmp_path: Path) -
     mount that is not debugging imports it only to emit a warning, see `unionfs.log`),
     argparse (4 ms: the forms mount programs use are parsed without it, `parse_simple`) and
     typing, with re, contextlib and warnings behind it (about 5 ms, and typing.NamedTuple
-    more per class: `unionfs.tuples`; pyfuse3 is patched alike).
+    more per class: `unionfs.tuples`; pyfuse3 is patched alike), and setuptools' distutils
+    shim, which a line in the venv's site-packages imports into every Python started there
+    (0.6-1 ms; scripts/setup.sh removes the line).
     (The patched pyfuse3 imports trio on first use; `loop=trio` is served and tested with real
     mounts in test_spin.py, test_kernel_caching.py and the unionfs-trio conformance target.)"""
     (tmp_path / "lower").mkdir()
@@ -308,7 +310,8 @@ def test_server_start_imports_only_what_the_default_loop_needs(tmp_path: Path) -
             "assert u.lcaches and u.lcaches[0].path.endswith('.layer'); u.close(); "
             "print(' '.join(m for m in ('trio', 'importlib.metadata', 'ctypes.util', "
             "'pickle', 'queue', 'json', 'platform', 'dataclasses', 'hashlib', 'logging', "
-            "'argparse', 'typing', 're', 'contextlib', 'warnings') if m in sys.modules)); "
+            "'argparse', 'typing', 're', 'contextlib', 'warnings', '_distutils_hack') "
+            "if m in sys.modules)); "
             "print(pyfuse3.__version__)")
     r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
                        timeout=30, cwd=Path(__file__).resolve().parents[2])
