@@ -48,6 +48,14 @@ signals.install()
 out = {}
 def sleeper():
     return subprocess.Popen(["sleep", "30"], start_new_session=True)
+def wait_for(server, seconds):  # (out: the error and how long the wait took)
+    union = run_mod._Union("fuse", c.merged, server)
+    t0 = time.monotonic()
+    try:
+        run_mod._wait_mounted(union, server, signals, time.monotonic() + seconds)
+    except run_mod.RunError as e:
+        out["error"] = str(e)
+    out["took"] = time.monotonic() - t0
 """
 
 
@@ -95,13 +103,7 @@ def test_a_server_that_never_mounts_times_out(tmp_path: Path) -> None:
     out = _run(tmp_path, """
         fds = sorted(os.listdir("/proc/self/fd"))
         server = sleeper()
-        union = run_mod._Union("fuse", c.merged, server)
-        t0 = time.monotonic()
-        try:
-            run_mod._wait_mounted(union, server, signals, time.monotonic() + 0.4)
-        except run_mod.RunError as e:
-            out["error"] = str(e)
-        out["took"] = time.monotonic() - t0
+        wait_for(server, 0.4)
         out["reads"] = len(reads)
         server.kill()
         server.wait()
@@ -118,7 +120,6 @@ def test_sigterm_interrupts_the_wait(tmp_path: Path) -> None:
     wakes it and stays pending for the container."""
     out = _run(tmp_path, """
         server = sleeper()
-        union = run_mod._Union("fuse", c.merged, server)
         me = os.getpid()
         def later():
             time.sleep(0.1)
@@ -126,12 +127,7 @@ def test_sigterm_interrupts_the_wait(tmp_path: Path) -> None:
             time.sleep(0.1)
             os.kill(me, signal.SIGTERM)
         threading.Thread(target=later, daemon=True).start()
-        t0 = time.monotonic()
-        try:
-            run_mod._wait_mounted(union, server, signals, time.monotonic() + 20)
-        except run_mod.RunError as e:
-            out["error"] = str(e)
-        out["took"] = time.monotonic() - t0
+        wait_for(server, 20)
         out["pending"] = [int(s) for s in signals.pending]
         server.kill()
         server.wait()
