@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mountctl import __version__, fastargs, idmap, lindex, ovl
+from mountctl import __version__, fastargs, idmap, ovl
 from mountctl.containers import Container, ContainerError, Containers
 from mountctl.image import ImageError
 from mountctl.layerdirs import remove_tree
@@ -151,6 +151,8 @@ def cmd_rmi(store: Store, args: argparse.Namespace) -> int:
             if res.deleted:
                 print(f"Deleted: {res.id}")
             ovl.gc(store.root, store.layers_dir)
+            from mountctl import lindex  # (unionfs' layer index: only here and for fuse runs)
+
             lindex.gc(store.root)
 
         try:

@@ -2,7 +2,7 @@
 
 Without the tempfile module (it imports random, shutil and weakref, several ms of every mountctl
 start, and `run` writes a container record before anything else): a record is written to a
-temporary file beside it and renamed over it (`unionfs.lowercache.write_atomically`).
+temporary file beside it and renamed over it (`unionfs.atomicfile.write_atomically`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from unionfs.lowercache import write_atomically
+from unionfs.atomicfile import write_atomically
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # (typing stays out of `mountctl run`'s start-up)

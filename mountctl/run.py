@@ -54,7 +54,7 @@ from pathlib import Path
 from types import FrameType
 
 from mountctl import idmap as ids_mod
-from mountctl import lindex, ovl, rootfs
+from mountctl import ovl, rootfs
 from mountctl import syscalls as sc
 from mountctl.containers import Container, Containers, new_id, proc_start_time
 from mountctl.layerdirs import remove_tree
@@ -269,6 +269,8 @@ def start_unionfs(lowers: Sequence[Path], c: Container, signals: _Signals,
                   index: Path | None = None) -> _Union:
     """unionfs in the foreground as our child, in its own session; wait for its mount.
     INDEX: the stack's lower index (`lindex`), if there is one."""
+    from mountctl import lindex  # (unionfs' own modules: not for a kernel overlayfs run)
+
     opts = ",".join([f"lowerdir={':'.join(_esc(p) for p in lowers)}",
                      f"upperdir={_esc(c.upper)}", f"workdir={_esc(c.work)}", "fsname=mountctl",
                      "nodev", *([f"lowerindex={_esc(index)}", f"lowerindex_check={lindex.CHECK}"]
@@ -378,6 +380,8 @@ def mount_union(store: Store, lowers: Sequence[Path], c: Container, driver: str,
             if driver == "overlay":
                 raise RunError(f"kernel overlayfs refused to mount the container's root: "
                                f"{e.strerror or e} (try --driver fuse)") from None
+    from mountctl import lindex
+
     return start_unionfs(lowers, c, signals, lindex.ensure(store.root, lowers))
 
 

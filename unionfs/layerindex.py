@@ -61,10 +61,11 @@ import zlib
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 
+from .atomicfile import write_atomically
 from .branch import Branch, join, split
 from .core.readdir import Listing
 from .core.resolve import BranchEntry, Kind, Resolution, resolve
-from .lowercache import seal, unseal, write_atomically
+from .lowercache import seal, unseal
 from .statpack import pack as _pack
 from .statpack import unpack as _stat_result
 

@@ -64,6 +64,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from stat import S_ISDIR
 
 from . import sys_linux as sl
+from .atomicfile import make_private_dir, write_atomically
 from .branch import split
 from .core.readdir import Listing
 from .core.resolve import BranchEntry, Kind
@@ -92,43 +93,6 @@ _Learnt = tuple[int, int, int, "Listing | _Enc | None", "tuple[bool, bytes | Non
 
 _KINDS = {k.value: k for k in Kind}
 _ENTRY = {k.value: BranchEntry(k) for k in Kind}
-
-
-def write_atomically(dest: str, data: bytes, mode: int, durable: bool = True,
-                     exact: bool = False) -> None:
-    """DATA as the file DEST, whole or not at all (a temporary file beside it renamed over it),
-    created at most MODE whatever the umask (a FUSE server runs with none), or exactly MODE
-    with EXACT; DURABLE: synced before the rename."""
-    tmp = f"{dest}.{os.getpid()}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     mode)
-        with os.fdopen(fd, "wb") as f:
-            if exact:
-                os.fchmod(f.fileno(), mode)
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def make_private_dir(path: str, mode: int = 0o700) -> None:
-    """Directory PATH, made MODE if missing, its missing parents 0755, whatever the umask (a
-    FUSE server runs with none, and os.makedirs makes parents with the umask's mode alone)."""
-    if os.path.isdir(path):
-        return
-    make_private_dir(os.path.dirname(os.path.abspath(path)), 0o755)
-    try:
-        os.mkdir(path, mode)
-    except FileExistsError:
-        pass
 
 
 def default_dir(uid_map: str = "/proc/self/uid_map") -> str | None:

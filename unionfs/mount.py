@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import pyfuse3
 
+from .atomicfile import write_atomically
 from .config import Config
 from .log import Logger, configure
-from .lowercache import write_atomically
 from .mountinfo import device_of
 from .ops import (
     UnionOperations,

@@ -26,7 +26,7 @@ import stat
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
-from . import copyup, layerindex, lowercache
+from . import atomicfile, copyup, layerindex, lowercache
 from . import sys_linux as sl
 from .branch import (
     LOWER_DIRFD_MIN,
@@ -340,7 +340,7 @@ class Union:
         """`lowerindex=auto`: index the lower layers for the next mount (the kernel has let go
         of this one; nothing waits for it but the server's exit)."""
         try:
-            lowercache.make_private_dir(os.path.dirname(path))
+            atomicfile.make_private_dir(os.path.dirname(path))
             layerindex.write([b.path for b in self.branches if not b.writable], path, 0o600)
         except (OSError, layerindex.LowerIndexError) as e:
             log.warning("lower index for lowerindex=auto not built: %s", e)
