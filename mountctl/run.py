@@ -325,6 +325,8 @@ def _server_main(argv: list[str], logfd: int, parent: int) -> NoReturn:  # pragm
         from unionfs.cli import main
 
         code = main(argv)
+    except SystemExit as e:  # (its command-line parser's exit)
+        code = e.code if isinstance(e.code, int) else 1
     except BaseException:
         with contextlib.suppress(BaseException):
             import traceback

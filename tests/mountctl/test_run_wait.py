@@ -135,3 +135,20 @@ def test_sigterm_interrupts_the_wait(tmp_path: Path) -> None:
     assert out["error"] == "interrupted while mounting"
     assert out["took"] < 5
     assert out["pending"] == [10, 15]  # SIGUSR1, SIGTERM
+
+
+def test_a_server_that_refuses_its_command_line_exits_with_its_status(tmp_path: Path) -> None:
+    """The forked server's own command-line parser exits (SystemExit): the process ends with
+    that status and its usage message in the log, not a traceback nor mountctl's status."""
+    out = _run(tmp_path, """
+        log = tmp / "server.log"
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        pid = os.fork()
+        if pid == 0:
+            run_mod._server_main(["--no-such-option"], fd, os.getppid())
+        os.close(fd)
+        out["status"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        out["log"] = log.read_text()
+    """)
+    assert out["status"] == 2, out
+    assert "usage" in out["log"] and "Traceback" not in out["log"], out
