@@ -397,11 +397,11 @@ class Union:
             paths[b] = rel + b"/" + name if rel else name  # (`join` inline: once per layer)
             if e.redirect is not None and e.kind is Kind.DIR and not e.opaque:
                 # a moved directory: the branches below hold its content elsewhere
-                target = self._redirect_path(parent, branch.index, e.redirect)
+                target = self._redirect_path(parent, b, e.redirect)
                 redirected = list(entries)
-                for b, r in self._lower_layers_at(target, branch.index):
-                    redirected.append((b, _PLAIN_DIR))
-                    paths[b] = r
+                for below, r in self._lower_layers_at(target, b):
+                    redirected.append((below, _PLAIN_DIR))
+                    paths[below] = r
         if redirected is not None:
             return resolve(redirected), entries, dict(paths)
         return resolve(entries), entries, paths
