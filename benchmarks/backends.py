@@ -386,6 +386,8 @@ VARIANTS = (
     UnionfsWith("unionfs-noopen", "noopen=1"),
     # the direct loop sleeps as soon as no request is waiting: the loop before the spin
     UnionfsWith("unionfs-nospin", "spin=0"),
+    # the lower cache's records checked at first use, not ahead by a helper at mount
+    UnionfsWith("unionfs-inline", "lowercache_check=inline"),
     # every mount reads the layers' directories afresh, as a first mount does
     UnionfsWith("unionfs-nocache", "lowercache=off"),
     # as podman would pass them from storage.conf's `mountopt`: the first mount of a stack runs

@@ -22,7 +22,7 @@ REFERENCE = "fuse-overlayfs"
 COLORS = {"native": "#7f7f7f", "overlay": "#1f77b4", "fuse-overlayfs": "#2ca02c",
           "unionfs-fuse": "#9467bd", "unionfs": "#d62728", "unionfs-noopen": "#ff7f0e",
           "unionfs-index": "#8c564b", "unionfs-nospin": "#e377c2", "unionfs-nocache": "#bcbd22",
-          "unionfs-autoindex": "#17becf"}
+          "unionfs-autoindex": "#17becf", "unionfs-inline": "#aec7e8"}
 
 
 class MissingDependency(RuntimeError):

@@ -80,6 +80,12 @@ mount options (-o, comma separated, may repeat):
                        is used after one lstat shows it unchanged, so a cold lookup in a deep
                        stack reads no directory of the layers that do not hold the name.
                        Not used with lowerindex=
+  lowercache_check=ahead|inline
+                       ahead (default): at mount a helper process checks every cached
+                       directory (one lstat each), on another CPU, ahead of the lookups that
+                       need them; what it has not reached yet is checked at first use, as
+                       with inline (always inline with a single CPU or a cgroup CPU quota
+                       under two CPUs)
   allow_other          let other users in (default when run as root)
   allow_root           accepted for compatibility (implies allow_other)
   default_permissions  kernel permission checks (always on)
@@ -203,6 +209,11 @@ def parse_options(opts: Sequence[str]) -> dict[str, object]:
                     raise UsageError(f"lowerindex_check: expected dirs, files or roots, got "
                                      f"{value!r}")
                 res[key] = value
+            elif key == "lowercache_check":
+                if value not in ("ahead", "inline"):
+                    raise UsageError(f"lowercache_check: expected ahead or inline, got "
+                                     f"{value!r}")
+                res[key] = value
             elif key == "loop":
                 if value not in ("direct", "trio"):
                     raise UsageError(f"loop: expected direct or trio, got {value!r}")
@@ -324,6 +335,7 @@ def check(settings: dict[str, object], mountpoint: str, foreground: bool, debug:
         lowerindex=lowerindex,
         lowerindex_check=str(settings.get("lowerindex_check", "dirs")),
         lowercache=lowercache,
+        lowercache_check=str(settings.get("lowercache_check", "ahead")),
         loop=str(settings.get("loop", "direct")),
         spin_us=int(settings.get("spin", 50)),  # type: ignore[call-overload]
     )

@@ -29,6 +29,7 @@ class Config(NamedTuple):
     lowerindex: str | None = None  # a `layerindex` file describing the lower branches
     lowerindex_check: str = "dirs"  # how it is checked against them at mount (see layerindex)
     lowercache: str | None = None  # directory of `lowercache` files (None: nothing kept)
+    lowercache_check: str = "ahead"  # its records checked by a helper at mount, or "inline"
     fuse_options: tuple[str, ...] = ()
 
     @property

@@ -14,7 +14,9 @@ number, mtime and ctime it had when it was learnt (adding, removing or renaming 
 the mtime; an opaque marker file too; an extended attribute the ctime). What does not match is
 dropped and learnt again, so a layer changed between mounts costs a re-read, never a wrong
 answer. The identity is taken before the directory is read, so a change racing the read makes
-the record stale rather than wrong. Not cached (always read live): directories whose files may
+the record stale rather than wrong. A helper process may make those lstats at mount, ahead of
+the lookups (`lowercheck`: `take_ahead`, `check_ahead`); a record it has not reached yet is
+checked here, at first use. Not cached (always read live): directories whose files may
 carry xattr whiteouts (`opaque=x`): a file's xattr does not change its directory.
 
 Attributes are never cached (a file changed in place changes no directory), but where the
@@ -91,8 +93,16 @@ _Dir = tuple[int, int, int, "_Enc | None", "tuple[bool, bytes | None] | None", "
 _Learnt = tuple[int, int, int, "Listing | _Enc | None", "tuple[bool, bytes | None] | None",
                 _Handles]
 
+# what a helper found of a record (`lowercheck`); 0: not checked yet
+CURRENT = 1
+STALE = 2
+
 _KINDS = {k.value: k for k in Kind}
 _ENTRY = {k.value: BranchEntry(k) for k in Kind}
+
+
+def _nothing() -> None:
+    pass
 
 
 def default_dir(uid_map: str = "/proc/self/uid_map") -> str | None:
@@ -230,6 +240,14 @@ class LayerCache:
         # loaded records found stale or unreadable, packed (removed unless rewritten meanwhile)
         self._stale: dict[bytes, bytes] = {}
         self.hits = 0  # directories answered from the file (tests and stats)
+        # a helper's checks of the records loaded at mount (`take_ahead`, `lowercheck`), by
+        # position in _ahead_keys: used while _loaded is still the dict they were made for
+        self._ahead: memoryview | None = None
+        self._ahead_keys: tuple[bytes, ...] = ()
+        self._ahead_of: dict[bytes, bytes] | None = None
+        self._ahead_pos: dict[bytes, int] | None = None
+        self._ahead_done: Callable[[], None] = _nothing
+        self.checked_ahead = 0  # records found current or stale by the helper (tests, stats)
         self.handle_stats = 0  # objects stat'ed through a kept file handle (tests and stats)
         # opening by handle: None = not tried yet, else (fd of the layer's root that is not
         # O_PATH, mount id of the layer's root) or False where the server may not
@@ -253,21 +271,61 @@ class LayerCache:
             return None
         d = _unpack(blob)
         if d is not None:
-            # (the lstat and `identity` inline: a deep stack checks every layer's directory here)
-            parent, _, name = rel.rpartition(b"/")
-            try:
-                st = os.stat(name, dir_fd=self._dir_fd(parent) if parent else self._root_fd,
-                             follow_symlinks=False) if name else os.fstat(self._root_fd)
-            except OSError:
-                pass
-            else:
-                if (st.st_ino == d[0] and st.st_mtime_ns == d[1] and st.st_ctime_ns == d[2]
-                        and S_ISDIR(st.st_mode)):
-                    self._current[rel] = d
-                    return d
+            said = self._said_ahead(rel) if self._ahead is not None else 0
+            if said == CURRENT or (said == 0 and self._check(rel, d)):
+                self._current[rel] = d
+                return d
         del self._loaded[rel]
         self._stale[rel] = blob
         return None
+
+    def _check(self, rel: bytes, d: _Dir) -> bool:
+        """Whether directory REL is as its record D says (one lstat; see the module's doc)."""
+        # (the lstat and `identity` inline: a deep stack checks every layer's directory here)
+        parent, _, name = rel.rpartition(b"/")
+        try:
+            st = os.stat(name, dir_fd=self._dir_fd(parent) if parent else self._root_fd,
+                         follow_symlinks=False) if name else os.fstat(self._root_fd)
+        except OSError:
+            return False
+        return (st.st_ino == d[0] and st.st_mtime_ns == d[1] and st.st_ctime_ns == d[2]
+                and S_ISDIR(st.st_mode))
+
+    # --- checked ahead (`lowercheck`) -----------------------------------------------------
+    def ahead_work(self) -> tuple[bytes, ...]:
+        """The loaded records a helper may check ahead of their use (their order is the
+        file's: the order mounts first learnt them)."""
+        return tuple(self._loaded) if self._loaded else ()
+
+    def check_ahead(self, rel: bytes) -> int:
+        """(In the helper) CURRENT or STALE: what one lstat says of loaded record REL."""
+        blob = self._loaded.get(rel) if self._loaded is not None else None
+        d = _unpack(blob) if blob is not None else None
+        return CURRENT if d is not None and self._check(rel, d) else STALE
+
+    def take_ahead(self, results: memoryview, keys: tuple[bytes, ...],
+                   done: Callable[[], None]) -> None:
+        """Use RESULTS (a helper's `check_ahead` of KEYS, by position, 0 while not yet made)
+        for the records loaded now; DONE is called when a result is read."""
+        self._ahead, self._ahead_keys, self._ahead_of = results, keys, self._loaded
+        self._ahead_pos = None
+        self._ahead_done = done
+
+    def _said_ahead(self, rel: bytes) -> int:
+        """What the helper found of record REL: CURRENT, STALE or 0 (not checked yet, or not
+        the file it checked: `save` dropped it since)."""
+        if self._loaded is not self._ahead_of:
+            return 0
+        pos = self._ahead_pos
+        if pos is None:
+            keys = self._ahead_keys
+            pos = self._ahead_pos = {k: i for i, k in enumerate(keys)}
+        i = pos.get(rel)
+        said = self._ahead[i] if i is not None and self._ahead is not None else 0
+        if said:
+            self.checked_ahead += 1
+            self._ahead_done()
+        return said
 
     def listing(self, rel: bytes) -> Listing | None:
         d = self._current.get(rel) or self._record(rel)
@@ -429,6 +487,7 @@ class LayerCache:
 
     def _drop(self) -> None:
         self._loaded = None
+        self._ahead = self._ahead_of = self._ahead_pos = None  # (made for the dict dropped)
         self._current = {}
         self._learnt = {}
         self._stale = {}

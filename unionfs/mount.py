@@ -79,10 +79,15 @@ def spin_time(requested_us: int) -> int:
     whether by affinity or by a cgroup's CPU quota."""
     if requested_us <= 0 or not spin_supported():
         return 0
+    return requested_us if two_cpus() else 0
+
+
+def two_cpus() -> bool:
+    """Whether this process may run on two CPUs at once, by affinity and cgroup CPU quota."""
     if len(os.sched_getaffinity(0)) < 2:
-        return 0
+        return False
     quota = cpu_quota()
-    return 0 if quota is not None and quota < 2 else requested_us
+    return quota is None or quota >= 2
 
 
 def cpu_quota(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
@@ -245,6 +250,8 @@ def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
     try:
         if ready is not None:
             ready()
+        if config.lowercache_check == "ahead" and union.lcaches and two_cpus():
+            union.check_ahead()  # (after `ready`: the fork is not part of mounting)
         if ops.loop == "direct":
             _serve_direct(ops, stats_path, config.readahead_kib, config.mountpoint)
         else:

@@ -179,8 +179,9 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
         sleeping, how many waits found one that way (hits), how many went to sleep after it
         (misses) and how many slept at once, the recent requests having come too late (skips);
         how many lower directories the lower cache answered (`lowercache_hits`) and how many
-        lower objects it stat'ed through their kept file handles (`lowercache_handle_stats`), and
-        whether a lower index is in use."""
+        lower objects it stat'ed through their kept file handles (`lowercache_handle_stats`), how
+        many of its records were used as the helper found them at mount
+        (`lowercache_checked_ahead`, see `lowercheck`), and whether a lower index is in use."""
         ru = resource.getrusage(resource.RUSAGE_SELF)
         hits, misses, skips = pyfuse3.spin_stats() if self.spin_us else (0, 0, 0)
         return {"requests": dict(self.requests), "sync_requests": self.sync_requests,
@@ -191,6 +192,7 @@ class UnionOperations(pyfuse3.Operations):  # type: ignore[misc]
                 "spin_skips": skips,
                 "lowercache_hits": sum(c.hits for c in self.union.lcaches),
                 "lowercache_handle_stats": sum(c.handle_stats for c in self.union.lcaches),
+                "lowercache_checked_ahead": sum(c.checked_ahead for c in self.union.lcaches),
                 "lowerindex": self.union.lindex is not None}
 
     # --- translation helpers ---------------------------------------------------------

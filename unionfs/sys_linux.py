@@ -1,5 +1,5 @@
 """Linux system calls that the os module lacks: openat2, renameat2, FICLONE, fallocate, file
-handles (name_to_handle_at, open_by_handle_at), helpers.
+handles (name_to_handle_at, open_by_handle_at), prctl(PR_SET_PDEATHSIG), helpers.
 
 Each wrapper raises OSError with the kernel's errno, like the os module does.
 """
@@ -82,6 +82,16 @@ def fallocate(fd: int, offset: int, length: int) -> None:
     once, leaving the file's size as it is. Unlike posix_fallocate, never falls back to writing
     zeros: EOPNOTSUPP where unsupported."""
     if _fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) < 0:
+        _raise()
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def set_pdeathsig(sig: int) -> None:
+    """prctl(PR_SET_PDEATHSIG): SIG is sent to this process when the thread that forked it
+    ends."""
+    if _libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(sig), 0, 0, 0) != 0:
         _raise()
 
 

@@ -69,6 +69,10 @@ from .log import Logger
 from .lowercache import LayerCache
 from .tuples import NamedTuple
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .lowercheck import Ahead
+
 WORK_SUBDIR = "work"
 
 log = Logger("unionfs")
@@ -213,6 +217,7 @@ class Union:
                 if not b.writable:
                     b.known = cache = LayerCache(config.lowercache, b.path, b.fd, b.dir_fd, stack)
                     self.lcaches.append(cache)
+        self.ahead: Ahead | None = None  # checking lcaches' records (`check_ahead`)
         self.privileged = os.geteuid() == 0
         self._fh = itertools.count(1)
         self._tmp = itertools.count(1)
@@ -306,7 +311,16 @@ class Union:
         self.inodes.alias(st.st_dev, st.st_ino, ROOT_INO)
         return root
 
+    def check_ahead(self) -> None:
+        """Have a helper check the lower cache's records now, ahead of the lookups that use
+        them (`lowercheck`; the server calls this once, when the mount is ready)."""
+        if self.lcaches and self.ahead is None:
+            from . import lowercheck  # (only a mount with cached layers: mmap comes with it)
+            self.ahead = lowercheck.start(self.lcaches)
+
     def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.stop()
         wrote = [cache.save() for cache in self.lcaches]
         if self.build_index is not None:
             self._build_auto_index(self.build_index)
