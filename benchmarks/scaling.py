@@ -1,8 +1,9 @@
 """Scaling curves: how the cost of each backend grows with the work.
 
 - `layers`: cold lookups (lstat of existing names spread over all layers, and of missing names,
-  which must be looked up in every layer) and a cold `find` walk, with 1, 4, 16 and 64 lower
-  layers holding the same files.
+  which must be looked up in every layer) after the mount, the same lookups made as soon as
+  the mount is ready (caches dropped before mounting, as a container's first lookups), and a
+  cold `find` walk, with 1, 4, 16 and 64 lower layers holding the same files.
 - `dirsize`: one directory of 10 .. 100,000 entries (half in each of two layers): cold listing
   (`os.listdir`) and cold lookup of every entry.
 - `copyup`: appending one byte to a lower file of 4 KiB .. 1 GiB (the lower data in the page
@@ -25,6 +26,7 @@ import math
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -53,6 +55,20 @@ LOOKUP = """\
 import os, sys, time
 paths = open(sys.argv[1]).read().split("\\0")
 base = sys.argv[2]
+t = time.perf_counter()
+for p in paths:
+    try:
+        os.lstat(base + "/" + p)
+    except FileNotFoundError:
+        pass
+print(time.perf_counter() - t)
+"""
+
+LOOKUP_AT_MOUNT = """\
+import os, sys, time
+paths = open(sys.argv[1]).read().split("\\0")
+print("ready", flush=True)
+base = sys.stdin.readline().strip()  # the mount point, as soon as it is mounted
 t = time.perf_counter()
 for p in paths:
     try:
@@ -293,6 +309,9 @@ that holds it (a missing name in the top layer's), cold, as the union must at le
 def curve_layers(sc: Scaler, lim: Limits) -> list[Curve]:
     look = Curve("layers_lookup", "cold lookup vs lower layers", "lower layers",
                  "us per lookup", "us", slope_unit="us per lookup per added layer")
+    start = Curve("layers_lookup_at_mount", "cold lookup at mount vs lower layers",
+                  "lower layers", "us per lookup", "us",
+                  slope_unit="us per lookup per added layer")
     walk = Curve("layers_walk", "cold find walk vs lower layers", "lower layers",
                  "seconds", "s", slope_unit="ms per added layer", slope_scale=1e3)
     for nl in lim.layer_counts:
@@ -319,12 +338,37 @@ def curve_layers(sc: Scaler, lim: Limits) -> list[Curve]:
                 drop_caches()
                 t = _timed(py(LOOKUP, listfile, m.mnt), sc.timeout, True)
                 look.add(b.name, nl, t / n * 1e6)
+            start.add(b.name, nl, _at_mount(sc, b, gs, listfile) / n * 1e6)
             with sc.mount(b, gs) as m:
                 drop_caches()
                 walk.add(b.name, nl, _timed(["find", str(m.mnt)], sc.timeout, False))
 
         sc.each(f"layers={nl}", one)
-    return [look, walk]
+    return [look, start, walk]
+
+
+def _at_mount(sc: Scaler, b: bk.Backend, gs: GenStack, listfile: Path) -> float:
+    """Seconds of the lookups in LISTFILE made as soon as the mount is ready, caches dropped
+    before the mount (as a container's first lookups): the client is started and has read its
+    list before, and is handed the mount point when it is mounted."""
+    client = subprocess.Popen(py(LOOKUP_AT_MOUNT, listfile), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert client.stdin is not None and client.stdout is not None
+        if client.stdout.readline().strip() != b"ready":
+            raise BenchError("the lookup client did not start")
+        drop_caches()
+        with sc.mount(b, gs) as m:
+            out, _ = client.communicate(f"{m.mnt}\n".encode(), timeout=sc.timeout)
+        if client.returncode != 0:
+            raise BenchError(f"the lookup client failed ({client.returncode})")
+        return float(out.split()[-1])
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"lookups at mount timed out after {sc.timeout:.0f}s") from e
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
 
 
 def curve_dirsize(sc: Scaler, lim: Limits) -> list[Curve]:

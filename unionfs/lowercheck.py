@@ -13,14 +13,14 @@ would lstat; a record the helper has not reached yet it checks itself, as before
 rests on an unchecked record, the helper only moves the check off the lookup's path.
 
 The helper keeps only directory fds (the layers' own, opened beneath their roots, never
-through a symlink: the same `Branch.dir_fd` the server uses); first thing, it closes every other
-fd it inherited (/dev/fuse, a daemonizing parent's pipe, the caller's stdio, log files) and puts
-/dev/null on stdin, stdout and stderr. It dies
-with the server (PDEATHSIG), never runs the server's signal handlers, exit handlers or
-finalizers (os._exit), and is reaped by the server as soon as the server reads a result after
-it finished, or at unmount (`Ahead.stop`, which kills it if it is still running). Not started
+through a symlink: the same `Branch.dir_fd` the server uses); first thing, it closes every
+other fd it inherited (/dev/fuse, a daemonizing parent's pipe, the caller's stdio, log files)
+and puts /dev/null on stdin, stdout and stderr. It dies with the server (PDEATHSIG), runs at a
+lower priority (`NICE`), never runs the server's signal handlers, exit handlers or finalizers
+(os._exit), and is reaped by the server as soon as the server reads a result after it
+finished, or at unmount (`Ahead.stop`, which kills it if it is still running). Not started
 with one CPU to run on (by affinity or a cgroup's quota: it would take the CPU from the
-lookups it means to spare) or with few records.
+lookups it means to spare) or with few records; at most `MAX_RECORDS` are checked ahead.
 """
 
 from __future__ import annotations
@@ -37,8 +37,13 @@ from .lowercache import LayerCache
 MIN_RECORDS = 16
 """Fewer records than this are checked inline (a fork costs more than their lstats)."""
 
-MAX_RECORDS = 1 << 20
-"""At most this many records are checked ahead (the rest inline)."""
+MAX_RECORDS = 1 << 17
+"""At most this many records are checked ahead (the rest inline): about a quarter of a second
+of the helper's CPU here."""
+
+NICE = 5
+"""The helper's niceness: on a busy machine it yields to the work it means to spare (what it
+has not checked yet the server checks when it needs it)."""
 
 class Ahead:
     """The running (or finished) helper of one mount."""
@@ -110,6 +115,10 @@ def _helper(parent: int, work: list[tuple[LayerCache, tuple[bytes, ...]]],
     if os.getppid() != parent:
         return  # (the server is gone already)
     _keep_only_directories()
+    try:
+        os.nice(NICE)
+    except OSError:
+        pass
     offsets = []
     offset = 0
     for _, keys in work:

@@ -270,7 +270,7 @@ def test_lower_cache_backends(bench_cache: Path) -> None:
     does its baseline without a union (the names lstat'ed in their own layers)."""
     fs = ["unionfs", "unionfs-nocache", "unionfs-autoindex"]
     _, curves = scaling.run_scaling(fs, ["layers"], "tiny", 2, bench_cache, quiet=True)
-    assert [c.name for c in curves] == ["layers_lookup", "layers_walk"]
+    assert [c.name for c in curves] == ["layers_lookup", "layers_lookup_at_mount", "layers_walk"]
     for c in curves:
         assert set(c.points) == set(fs) | ({scaling.FLOOR} if c.name == "layers_lookup" else set())
         for series in c.points.values():
