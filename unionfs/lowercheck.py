@@ -18,7 +18,7 @@ other fd it inherited (/dev/fuse, a daemonizing parent's pipe, the caller's stdi
 and puts /dev/null on stdin, stdout and stderr. It dies with the server (PDEATHSIG), runs at a
 lower priority (`NICE`), never runs the server's signal handlers, exit handlers or finalizers
 (os._exit), and is reaped by the server as soon as the server reads a result after it
-finished, or at unmount (`Ahead.stop`, which kills it if it is still running). Not started
+exited, or at unmount (`Ahead.stop`, which kills it if it is still running). Not started
 with one CPU to run on (by affinity or a cgroup's quota: it would take the CPU from the
 lookups it means to spare) or with few records; at most `MAX_RECORDS` are checked ahead.
 """
@@ -58,7 +58,7 @@ class Ahead:
         return self._mem[self._size] != 0
 
     def poll(self) -> None:
-        """Reap the helper if it finished (called when a result is read)."""
+        """Reap the helper if it finished and exited (called when a result is read)."""
         if self.pid is not None and self._mem[self._size]:
             try:
                 pid, _ = os.waitpid(self.pid, os.WNOHANG)

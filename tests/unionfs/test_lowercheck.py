@@ -164,6 +164,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
 def _fd_targets(pid: int) -> dict[int, str]:
     out = {}
     for name in os.listdir(f"/proc/{pid}/fd"):
@@ -216,8 +221,13 @@ def test_a_finished_helper_is_reaped_when_its_results_are_read(scratch: Path) ->
         assert u.ahead is not None
         pid = u.ahead.pid
         assert pid is not None
+        deadline = time.monotonic() + 20
+        while _alive(pid):  # (done is written just before it exits)
+            assert time.monotonic() < deadline, "the helper did not exit"
+            time.sleep(0.005)
+        assert os.path.exists(f"/proc/{pid}"), "a zombie until reaped"
         _view(u, PATHS)
-        assert u.ahead.pid is None  # reaped at the first result read after it finished
+        assert u.ahead.pid is None  # reaped at the first result read after it exited
         with pytest.raises(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
     finally:
@@ -292,7 +302,18 @@ def test_mounted_second_mount(scratch: Path, how: str, monkeypatch: pytest.Monke
         os.sched_setaffinity(0, {min(cpus)})  # (the server inherits it)
     try:
         with mounted("unionfs", lowers, None, None, mnt, opts) as m:
-            time.sleep(0.2)  # (the helper, if any, is done by then)
+            assert m.server is not None
+            if how == "ahead":  # until its helper is done (a zombie until a result is read)
+                deadline = time.monotonic() + 20
+                while True:
+                    kids = _children(m.server.pid)
+                    if kids and not any(map(_alive, kids)):
+                        break
+                    assert time.monotonic() < deadline, f"helper not done: {kids}"
+                    time.sleep(0.005)
+            else:
+                time.sleep(0.2)  # (a helper, if one were started, would be done by then)
+                assert _children(m.server.pid) == []
             assert tree() == want
             used = _dump(m, stats)["lowercache_checked_ahead"]
     finally:
