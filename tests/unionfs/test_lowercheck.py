@@ -132,14 +132,28 @@ def test_results_are_not_used_for_a_file_read_again_after_a_save(scratch: Path) 
         u.close()
 
 
-def test_too_few_records_start_no_helper(scratch: Path) -> None:
-    lowers = _mkstack(scratch, 2)
+@pytest.mark.parametrize("layers", [2, N - 1])
+def test_shallow_stacks_start_no_helper(scratch: Path, layers: int,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under MIN_LAYERS layers (or MIN_RECORDS records) the records are checked inline: the
+    fork would cost the mount's first requests more than it spares them."""
+    lowers = _mkstack(scratch, layers)
     cache = scratch / "cache"
     _view_ro(lowers, cache)
+    assert layers < lowercheck.MIN_LAYERS
+    if layers * 3 >= lowercheck.MIN_RECORDS:  # (enough records: the layers decide)
+        monkeypatch.setattr(lowercheck, "MIN_LAYERS", layers)
+        u = _union(lowers, cache)
+        try:
+            u.check_ahead()
+            assert u.ahead is not None  # the control: started at MIN_LAYERS layers
+        finally:
+            u.close()
+        monkeypatch.undo()
     u = _union(lowers, cache)
     try:
         u.check_ahead()
-        assert u.ahead is None  # 6 records: a fork costs more than their lstats
+        assert u.ahead is None
     finally:
         u.close()
 
@@ -179,7 +193,7 @@ def _fd_targets(pid: int) -> dict[int, str]:
     return out
 
 
-def test_the_helper_keeps_only_directories_and_is_stopped_and_reaped(
+def test_the_helper_keeps_only_directories_runs_idle_and_is_stopped_and_reaped(
         scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     lowers, cache = _learnt(scratch)
     _slow_helper(monkeypatch)
@@ -198,6 +212,7 @@ def test_the_helper_keeps_only_directories_and_is_stopped_and_reaped(
             assert time.monotonic() < deadline, targets
             time.sleep(0.005)
         assert all(targets.get(fd) == "/dev/null" for fd in (0, 1, 2)), targets
+        assert os.sched_getscheduler(pid) == os.SCHED_IDLE  # (only where a CPU is idle)
         for fd, target in targets.items():
             if fd > 2:
                 assert os.path.isdir(f"/proc/{pid}/fd/{fd}"), (fd, target)
@@ -340,4 +355,4 @@ def test_command_line(scratch: Path) -> None:
     assert check("lowercache_check=ahead") == "ahead"
     with pytest.raises(cli.UsageError, match="lowercache_check: expected ahead or inline"):
         check("lowercache_check=later")
-    assert lowercheck.MIN_RECORDS > 2 * 3  # (test_too_few_records_start_no_helper's premise)
+    assert lowercheck.MIN_LAYERS <= N  # (the other tests' premise: N layers start a helper)
