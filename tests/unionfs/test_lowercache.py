@@ -32,7 +32,7 @@ from tests.helpers.mounts import Mount, mounted
 from tests.helpers.spy import record_calls
 from tests.unionfs.test_layerindex import _Probes as _Reads
 from tests.unionfs.test_layerindex import _traced_lookup, _view
-from unionfs import cli, lowercache
+from unionfs import cli, lowercache, lowercheck
 from unionfs import sys_linux as sl
 from unionfs import union as union_mod
 from unionfs.branch import Branch
@@ -62,9 +62,18 @@ def _xwhiteout_dir(path: str, rel: bytes) -> bool:
 
 
 def _view_of(lowers: list[Path], upper: Path, work: Path, cache: Path | None,
-             paths: list[bytes]) -> dict[bytes, object]:
+             paths: list[bytes], ahead: bool = False) -> dict[bytes, object]:
+    """AHEAD: the cache's records checked by a helper first (`Union.check_ahead`)."""
     u = _union(lowers, cache, upper, work)
     try:
+        if ahead:
+            u.check_ahead()
+            if u.ahead is None:  # (only when no layer has a record to check)
+                assert not any(c.ahead_work() for c in u.lcaches)
+            deadline = time.monotonic() + 20
+            while u.ahead is not None and not u.ahead.done:
+                assert time.monotonic() < deadline, "the helper did not finish"
+                time.sleep(0.002)
         return _view(u, paths)
     finally:
         u.close()
@@ -86,9 +95,14 @@ def _compare(stack: Stack, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         reads = _Reads(m)
         seen = _ByName(m)
         cached = _view_of(dirs.lowers, dirs.upper, dirs.work, cache, paths)
+    with monkeypatch.context() as m:  # the records checked ahead by a helper (lowercheck)
+        m.setattr(lowercheck, "MIN_LAYERS", 1)
+        m.setattr(lowercheck, "MIN_RECORDS", 1)
+        ahead = _view_of(dirs.lowers, dirs.upper, dirs.work, cache, paths, ahead=True)
     for p in paths:
         assert learnt[p] == want[p], f"{p!r}: learning {learnt[p]}, probing {want[p]}"
         assert cached[p] == want[p], f"{p!r}: from the cache {cached[p]}, probing {want[p]}"
+        assert ahead[p] == want[p], f"{p!r}: checked ahead {ahead[p]}, probing {want[p]}"
     assert reads.infos == [], f"opaque/redirect read again: {reads.infos}"
     again = [r for r in reads.scans if not _xwhiteout_dir(*r)]
     assert again == [], f"lower directories read again despite the cache: {again}"
