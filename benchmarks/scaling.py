@@ -51,10 +51,7 @@ from .util import (
 )
 from .workloads import py
 
-LOOKUP = """\
-import os, sys, time
-paths = open(sys.argv[1]).read().split("\\0")
-base = sys.argv[2]
+_LOOKUPS = """\
 t = time.perf_counter()
 for p in paths:
     try:
@@ -64,19 +61,18 @@ for p in paths:
 print(time.perf_counter() - t)
 """
 
+LOOKUP = """\
+import os, sys, time
+paths = open(sys.argv[1]).read().split("\\0")
+base = sys.argv[2]
+""" + _LOOKUPS
+
 LOOKUP_AT_MOUNT = """\
 import os, sys, time
 paths = open(sys.argv[1]).read().split("\\0")
 print("ready", flush=True)
 base = sys.stdin.readline().strip()  # the mount point, as soon as it is mounted
-t = time.perf_counter()
-for p in paths:
-    try:
-        os.lstat(base + "/" + p)
-    except FileNotFoundError:
-        pass
-print(time.perf_counter() - t)
-"""
+""" + _LOOKUPS
 
 LISTDIR = """\
 import os, sys, time

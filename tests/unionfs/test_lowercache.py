@@ -596,6 +596,12 @@ def test_command_line(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         config("lowercache=")
     monkeypatch.setenv("UNIONFS_LOWER_CACHE", "")
     assert config().lowercache is None
+    # its records checked ahead by a helper (lowercheck) or at first use
+    assert config().lowercache_check == "ahead"
+    assert config("lowercache_check=inline").lowercache_check == "inline"
+    assert config("lowercache_check=ahead").lowercache_check == "ahead"
+    with pytest.raises(cli.UsageError, match="lowercache_check: expected ahead or inline"):
+        config("lowercache_check=later")
 
 
 def test_default_directory(monkeypatch: pytest.MonkeyPatch, scratch: Path) -> None:

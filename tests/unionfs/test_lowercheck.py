@@ -7,11 +7,13 @@ overlayfs shows."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,12 +30,31 @@ ROOT = os.geteuid() == 0
 N = 8  # layers: the root, d and d/sub of each are 24 records (MIN_RECORDS is 16)
 
 
-def _wait_done(u: Union, timeout: float = 20.0) -> None:
-    assert u.ahead is not None, "no helper was started"
+def _until(cond: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+    """Wait until COND() is true, failing with WHAT after TIMEOUT seconds."""
     deadline = time.monotonic() + timeout
-    while not u.ahead.done:
-        assert time.monotonic() < deadline, "the helper did not finish"
+    while not cond():
+        assert time.monotonic() < deadline, what
         time.sleep(0.005)
+
+
+def _wait_done(u: Union) -> None:
+    ahead = u.ahead
+    assert ahead is not None, "no helper was started"
+    _until(lambda: ahead.done, "the helper did not finish")
+
+
+@contextlib.contextmanager
+def _helped(lowers: list[Path], cache: Path, wait: bool = True) -> Iterator[Union]:
+    """A union whose records a helper checks (WAIT: until it is done); closed after."""
+    u = _union(lowers, cache)
+    try:
+        u.check_ahead()
+        if wait:
+            _wait_done(u)
+        yield u
+    finally:
+        u.close()
 
 
 def _learnt(scratch: Path) -> tuple[list[Path], Path]:
@@ -48,14 +69,8 @@ def _learnt(scratch: Path) -> tuple[list[Path], Path]:
 def _ahead_view(lowers: list[Path], cache: Path) -> tuple[dict[bytes, object], int]:
     """The engine's answers with the records checked ahead (waited for), and how many of them
     it used."""
-    u = _union(lowers, cache)
-    try:
-        u.check_ahead()
-        _wait_done(u)
-        view = _view(u, PATHS)
-        return view, sum(c.checked_ahead for c in u.lcaches)
-    finally:
-        u.close()
+    with _helped(lowers, cache) as u:
+        return _view(u, PATHS), sum(c.checked_ahead for c in u.lcaches)
 
 
 def test_the_server_lstats_no_record_the_helper_checked(scratch: Path,
@@ -118,18 +133,13 @@ def test_records_not_checked_yet_are_checked_inline(scratch: Path,
 
 def test_results_are_not_used_for_a_file_read_again_after_a_save(scratch: Path) -> None:
     lowers, cache = _learnt(scratch)
-    u = _union(lowers, cache)
-    try:
-        u.check_ahead()
-        _wait_done(u)
+    with _helped(lowers, cache) as u:
         c = u.lcaches[0]
         c._learnt[b"d"] = (0, 0, 0, None, None, {})  # (something to write)
         c.save()  # (the file is rewritten: positions of the old one mean nothing now)
         assert c._ahead is None and c._ahead_of is None
         assert c.listing(b"d") is None  # the bogus record written is checked inline: stale
         assert c.checked_ahead == 0
-    finally:
-        u.close()
 
 
 @pytest.mark.parametrize("layers", [2, N - 1])
@@ -143,19 +153,11 @@ def test_shallow_stacks_start_no_helper(scratch: Path, layers: int,
     assert layers < lowercheck.MIN_LAYERS
     if layers * 3 >= lowercheck.MIN_RECORDS:  # (enough records: the layers decide)
         monkeypatch.setattr(lowercheck, "MIN_LAYERS", layers)
-        u = _union(lowers, cache)
-        try:
-            u.check_ahead()
+        with _helped(lowers, cache, wait=False) as u:
             assert u.ahead is not None  # the control: started at MIN_LAYERS layers
-        finally:
-            u.close()
         monkeypatch.undo()
-    u = _union(lowers, cache)
-    try:
-        u.check_ahead()
+    with _helped(lowers, cache, wait=False) as u:
         assert u.ahead is None
-    finally:
-        u.close()
 
 
 def _slow_helper(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -204,13 +206,10 @@ def test_the_helper_keeps_only_directories_runs_idle_and_is_stopped_and_reaped(
         u.check_ahead()
         assert u.ahead is not None and u.ahead.pid is not None
         pid = u.ahead.pid
-        deadline = time.monotonic() + 20
-        while True:  # until it closed what it must not keep
-            targets = _fd_targets(pid)
-            if not any(t.startswith("pipe:") or t.endswith("/log") for t in targets.values()):
-                break
-            assert time.monotonic() < deadline, targets
-            time.sleep(0.005)
+        _until(lambda: not any(t.startswith("pipe:") or t.endswith("/log")
+                               for t in _fd_targets(pid).values()),
+               "the helper kept a pipe or the log")  # (until it closed them)
+        targets = _fd_targets(pid)
         assert all(targets.get(fd) == "/dev/null" for fd in (0, 1, 2)), targets
         assert os.sched_getscheduler(pid) == os.SCHED_IDLE  # (only where a CPU is idle)
         for fd, target in targets.items():
@@ -229,24 +228,16 @@ def test_the_helper_keeps_only_directories_runs_idle_and_is_stopped_and_reaped(
 
 def test_a_finished_helper_is_reaped_when_its_results_are_read(scratch: Path) -> None:
     lowers, cache = _learnt(scratch)
-    u = _union(lowers, cache)
-    try:
-        u.check_ahead()
-        _wait_done(u)
+    with _helped(lowers, cache) as u:
         assert u.ahead is not None
         pid = u.ahead.pid
         assert pid is not None
-        deadline = time.monotonic() + 20
-        while _alive(pid):  # (done is written just before it exits)
-            assert time.monotonic() < deadline, "the helper did not exit"
-            time.sleep(0.005)
+        _until(lambda: not _alive(pid), "the helper did not exit")  # (it exits after done)
         assert os.path.exists(f"/proc/{pid}"), "a zombie until reaped"
         _view(u, PATHS)
         assert u.ahead.pid is None  # reaped at the first result read after it exited
         with pytest.raises(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-    finally:
-        u.close()
 
 
 PARENT = """
@@ -274,10 +265,7 @@ def test_the_helper_dies_with_the_server(scratch: Path) -> None:
         assert _alive(pid)
         server.kill()
         server.wait(10)
-        deadline = time.monotonic() + 10
-        while _alive(pid):
-            assert time.monotonic() < deadline, "the helper outlived its server"
-            time.sleep(0.01)
+        _until(lambda: not _alive(pid), "the helper outlived its server", 10)
     finally:
         server.kill()
         server.wait(10)
@@ -318,17 +306,13 @@ def test_mounted_second_mount(scratch: Path, how: str, monkeypatch: pytest.Monke
     try:
         with mounted("unionfs", lowers, None, None, mnt, opts) as m:
             assert m.server is not None
+            server = m.server.pid
             if how == "ahead":  # until its helper is done (a zombie until a result is read)
-                deadline = time.monotonic() + 20
-                while True:
-                    kids = _children(m.server.pid)
-                    if kids and not any(map(_alive, kids)):
-                        break
-                    assert time.monotonic() < deadline, f"helper not done: {kids}"
-                    time.sleep(0.005)
+                _until(lambda: (kids := _children(server)) and not any(map(_alive, kids)),
+                       "no helper, or not done")
             else:
                 time.sleep(0.2)  # (a helper, if one were started, would be done by then)
-                assert _children(m.server.pid) == []
+                assert _children(server) == []
             assert tree() == want
             used = _dump(m, stats)["lowercache_checked_ahead"]
     finally:
@@ -337,22 +321,3 @@ def test_mounted_second_mount(scratch: Path, how: str, monkeypatch: pytest.Monke
         assert used >= 2 * N, used
     else:
         assert used == 0, used
-
-
-def test_command_line(scratch: Path) -> None:
-    from unionfs import cli
-    lower = scratch / "l"
-    mnt = scratch / "m"
-    lower.mkdir()
-    mnt.mkdir()
-
-    def check(*opts: str) -> str:
-        settings = cli.parse_options([",".join([f"lowerdir={lower}", *opts])])
-        return cli.check(settings, str(mnt), foreground=True, debug=False).lowercache_check
-
-    assert check() == "ahead"
-    assert check("lowercache_check=inline") == "inline"
-    assert check("lowercache_check=ahead") == "ahead"
-    with pytest.raises(cli.UsageError, match="lowercache_check: expected ahead or inline"):
-        check("lowercache_check=later")
-    assert lowercheck.MIN_LAYERS <= N  # (the other tests' premise: N layers start a helper)
