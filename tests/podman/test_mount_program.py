@@ -19,7 +19,9 @@ commit`, then create and mount a container of the committed image and see both c
 podman's default mount options, with `mountopt = "nodev,metacopy=on"` (the form of many
 distributions' storage.conf) and with unionfs' own `lowerindex=auto,lowerindex_check=roots`
 through mountopt (the index of the image is built after the first unmount and used by the next
-mount). Teardown: podman umount/rm/rmi and `system reset` of the private
+mount). A 10-layer image (loaded from a docker-archive) is mounted twice with a private lower
+cache: the second mount's helper checks the layers ahead (`unionfs/lowercheck.py`) without
+holding podman up or outliving the umount. Teardown: podman umount/rm/rmi and `system reset` of the private
 storage, then anything still mounted below tmp_path is unmounted and any server started for it
 killed (by pid, found by its command line naming this test's directory).
 """
@@ -43,6 +45,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.images import (
+    Entry,
+    busybox_layers,
+    layer_tar,
+    make_image,
+    write_docker_archive,
+)
 from tests.helpers.mounts import fs_type, is_mounted, mount_points, unmount
 
 pytestmark = pytest.mark.podman
@@ -259,3 +268,83 @@ def test_podman_create_mount_commit_with_unionfs(podman: Podman, rootfs_tar: Pat
     assert not is_mounted(merged2)
     pm.run("rm", cid, cid2)
     pm.run("rmi", "localhost/unionfs-test:committed", "localhost/unionfs-test:base")
+
+
+DEEP_LAYERS = 10
+
+
+def _deep_image(dest: Path) -> Path:
+    """The busybox image (3 layers) with 7 more, each adding a file to data/ and a directory of
+    its own under deep/, and the last one removing a file of the first extra layer."""
+    layers = busybox_layers()
+    for i in range(3, DEEP_LAYERS):
+        entries = [Entry("data", "dir"), Entry(f"data/l{i}.txt", data=f"layer {i}\n".encode()),
+                   Entry("deep", "dir"), Entry(f"deep/d{i}", "dir"),
+                   Entry(f"deep/d{i}/f.txt", data=f"deep {i}\n".encode())]
+        if i == DEEP_LAYERS - 1:
+            entries.append(Entry("data/.wh.l3.txt"))
+        layers.append(layer_tar(entries))
+    img = make_image(layers, repo_tags=("localhost/unionfs-deep:latest",))
+    return write_docker_archive(img, dest)
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[1])
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+@pytest.mark.parametrize("podman", ["lowercache={lcache}"], indirect=True, ids=["lowercache"])
+def test_podman_deep_image_second_mount_checks_its_layers_ahead(
+        podman: Podman, tmp_path: Path) -> None:
+    """A 10-layer image mounted twice: the first mount learns the layers (one lower cache file
+    each), the second has a helper check them ahead (`unionfs/lowercheck.py`): podman's mount
+    returns while it runs, the tree is right, the server uses its results (stats dump), and
+    podman umount leaves no process behind (the fixture checks, the helper included)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs (no helper with one)")
+    pm = podman
+    stats = tmp_path / "stats.json"
+    pm.env["UNIONFS_STATS_FILE"] = str(stats)  # (podman passes it on to the mount program)
+    pm.run("load", "-i", str(_deep_image(tmp_path / "deep.tar")))
+    cid = pm.run("create", "--network", "none", "localhost/unionfs-deep:latest",
+                 "/bin/sh").stdout.strip()
+
+    def check(merged: Path) -> None:
+        assert fs_type(merged) == "fuse.unionfs"
+        for i in range(4, DEEP_LAYERS):
+            assert (merged / "data" / f"l{i}.txt").read_text() == f"layer {i}\n"
+        assert not (merged / "data" / "l3.txt").exists()
+        assert sorted(os.listdir(merged / "deep")) == [f"d{i}" for i in range(3, DEEP_LAYERS)]
+        assert (merged / "deep" / "d5" / "f.txt").read_text() == "deep 5\n"
+        assert (merged / "data" / "layer3.txt").read_text() == "added by layer 3\n"
+
+    merged = Path(pm.run("mount", cid).stdout.strip())
+    lowers = pm.mount_call(merged)[1].split("lowerdir=", 1)[1].split(",", 1)[0]
+    assert len(lowers.split(":")) == DEEP_LAYERS, lowers
+    check(merged)
+    pm.run("umount", cid)
+    assert len(list((pm.root / "lcache").glob("*.layer"))) == DEEP_LAYERS
+    merged = Path(pm.run("mount", cid).stdout.strip())
+    servers = _servers_for(merged)
+    server = next(p for p in servers if _ppid(p) not in servers)  # (not its helper)
+    deadline = time.monotonic() + 20
+    while not _children(server):  # (a zombie once done, until the server reads a result)
+        assert time.monotonic() < deadline, "the second mount started no helper"
+        time.sleep(0.01)
+    check(merged)
+    stats.unlink(missing_ok=True)
+    os.kill(server, signal.SIGUSR1)
+    while not stats.exists():
+        assert time.monotonic() < deadline, "no stats dump"
+        time.sleep(0.01)
+    time.sleep(0.05)  # (written atomically: renamed into place)
+    used = json.loads(stats.read_text())["lowercache_checked_ahead"]
+    assert used > 0, used
+    pm.run("umount", cid)
+    assert _wait_gone(servers, 10) == [], "the server or its helper outlived podman umount"
+    pm.run("rm", cid)
