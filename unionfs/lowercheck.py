@@ -12,16 +12,16 @@ per record (CURRENT, STALE, or 0 while not checked yet). The server reads that b
 would lstat; a record the helper has not reached yet it checks itself, as before. So no answer
 rests on an unchecked record, the helper only moves the check off the lookup's path.
 
-The helper keeps only directory fds (the layers' own, opened beneath their roots, never
-through a symlink: the same `Branch.dir_fd` the server uses); first thing, it closes every
-other fd it inherited (/dev/fuse, a daemonizing parent's pipe, the caller's stdio, log files)
-and puts /dev/null on stdin, stdout and stderr. It dies with the server (PDEATHSIG), runs only
-where a CPU is otherwise idle (SCHED_IDLE), never runs the server's signal handlers, exit
-handlers or finalizers (os._exit), and is reaped by the server as soon as the server reads a
-result after it exited, or at unmount (`Ahead.stop`, which kills it if it is still running).
-Not started with one CPU to run on (by affinity or a cgroup's quota: it would take the CPU
-from the lookups it means to spare), for fewer than `MIN_LAYERS` layers or with few records;
-at most `MAX_RECORDS` are checked ahead.
+The helper keeps only directory fds (the layers' own, opened beneath their roots, never through
+a symlink: the same `Branch.dir_fd` the server uses); first thing, it closes every other fd it
+inherited (/dev/fuse, a daemonizing parent's pipe, the caller's stdio, log files) and puts
+/dev/null on stdin, stdout and stderr. It dies with the server (PDEATHSIG), runs only where a
+CPU is otherwise idle (SCHED_IDLE), never runs the server's signal handlers, exit handlers or
+finalizers (os._exit), is named `unionfs-check` (ps, top), and is reaped by the server as soon
+as the server reads a result after it exited, or at unmount (`Ahead.stop`, which kills it if it
+is still running). Not started with one CPU to run on (by affinity or a cgroup's quota: it would
+take the CPU from the lookups it means to spare), for fewer than `MIN_LAYERS` layers or with few
+records; at most `MAX_RECORDS` are checked ahead.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from collections.abc import Sequence
 
 from . import sys_linux as sl
 from .lowercache import LayerCache
+
+NAME = b"unionfs-check"
+"""The helper's name (comm: what ps and top show for it)."""
 
 MIN_LAYERS = 8
 """Stacks of fewer lower layers (with a cache file) are checked inline: a lookup checks at most
@@ -117,6 +120,7 @@ def _helper(parent: int, work: list[tuple[LayerCache, tuple[bytes, ...]]],
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     sl.set_pdeathsig(signal.SIGKILL)
+    sl.set_name(NAME)
     if os.getppid() != parent:
         return  # (the server is gone already)
     _keep_only_directories()

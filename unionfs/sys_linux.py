@@ -1,5 +1,5 @@
 """Linux system calls that the os module lacks: openat2, renameat2, FICLONE, fallocate, file
-handles (name_to_handle_at, open_by_handle_at), prctl(PR_SET_PDEATHSIG), helpers.
+handles (name_to_handle_at, open_by_handle_at), prctl(PR_SET_PDEATHSIG, PR_SET_NAME), helpers.
 
 Each wrapper raises OSError with the kernel's errno, like the os module does.
 """
@@ -92,6 +92,15 @@ def set_pdeathsig(sig: int) -> None:
     """prctl(PR_SET_PDEATHSIG): SIG is sent to this process when the thread that forked it
     ends."""
     if _libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(sig), 0, 0, 0) != 0:
+        _raise()
+
+
+PR_SET_NAME = 15
+
+
+def set_name(name: bytes) -> None:
+    """prctl(PR_SET_NAME): this thread's name (comm, what ps and top show; 15 bytes at most)."""
+    if _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0) != 0:
         _raise()
 
 

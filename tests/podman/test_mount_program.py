@@ -12,18 +12,18 @@ with the interpreter running the tests); UNIONFS_PODMAN_PROGRAM=/usr/local/bin/u
 another path) makes the wrapper exec that program instead (/usr/local/bin/unionfs is whatever
 checkout last ran scripts/setup.sh, so it is not the default).
 
-The flow, without a container runtime (`podman run` fails on this machine for reasons of its own):
-import a busybox rootfs tar, create a container, `podman mount` it (a fuse.unionfs mount), write a
-file and delete a lower file through the mount, check `podman diff`, `podman umount`, `podman
-commit`, then create and mount a container of the committed image and see both changes. Run with
-podman's default mount options, with `mountopt = "nodev,metacopy=on"` (the form of many
+The flow, without a container runtime (`podman run` fails on this machine for reasons of its
+own): import a busybox rootfs tar, create a container, `podman mount` it (a fuse.unionfs mount),
+write a file and delete a lower file through the mount, check `podman diff`, `podman umount`,
+`podman commit`, then create and mount a container of the committed image and see both changes.
+Run with podman's default mount options, with `mountopt = "nodev,metacopy=on"` (the form of many
 distributions' storage.conf) and with unionfs' own `lowerindex=auto,lowerindex_check=roots`
 through mountopt (the index of the image is built after the first unmount and used by the next
 mount). A 10-layer image (loaded from a docker-archive) is mounted twice with a private lower
 cache: the second mount's helper checks the layers ahead (`unionfs/lowercheck.py`) without
-holding podman up or outliving the umount. Teardown: podman umount/rm/rmi and `system reset` of the private
-storage, then anything still mounted below tmp_path is unmounted and any server started for it
-killed (by pid, found by its command line naming this test's directory).
+holding podman up or outliving the umount. Teardown: podman umount/rm/rmi and `system reset` of
+the private storage, then anything still mounted below tmp_path is unmounted and any server
+started for it killed (by pid, found by its command line naming this test's directory).
 """
 
 from __future__ import annotations

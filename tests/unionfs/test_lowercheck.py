@@ -212,6 +212,8 @@ def test_the_helper_keeps_only_directories_runs_idle_and_is_stopped_and_reaped(
         targets = _fd_targets(pid)
         assert all(targets.get(fd) == "/dev/null" for fd in (0, 1, 2)), targets
         assert os.sched_getscheduler(pid) == os.SCHED_IDLE  # (only where a CPU is idle)
+        with open(f"/proc/{pid}/comm") as f:
+            assert f.read().strip() == "unionfs-check"
         for fd, target in targets.items():
             if fd > 2:
                 assert os.path.isdir(f"/proc/{pid}/fd/{fd}"), (fd, target)
