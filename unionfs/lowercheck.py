@@ -21,7 +21,8 @@ finalizers (os._exit), is named `unionfs-check` (ps, top), and is reaped by the 
 as the server reads a result after it exited, or at unmount (`Ahead.stop`, which kills it if it
 is still running). Not started with one CPU to run on (by affinity or a cgroup's quota: it would
 take the CPU from the lookups it means to spare), for fewer than `MIN_LAYERS` layers or with few
-records; at most `MAX_RECORDS` are checked ahead.
+records; at most `MAX_RECORDS` are checked ahead, each layer its share. A fork refused (a
+cgroup's pids.max, say) leaves every check inline.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ import stat
 from collections.abc import Sequence
 
 from . import sys_linux as sl
+from .log import Logger
 from .lowercache import LayerCache
+
+log = Logger(__name__)
 
 NAME = b"unionfs-check"
 """The helper's name (comm: what ps and top show for it)."""
@@ -91,16 +95,22 @@ class Ahead:
 
 def start(caches: Sequence[LayerCache]) -> Ahead | None:
     """Fork the helper that checks the records CACHES loaded (None: too few layers or records
-    to be worth it)."""
+    to be worth it, or no process to be had: everything is checked inline then)."""
     work = [(cache, keys) for cache in caches if (keys := cache.ahead_work())]
     total = sum(len(keys) for _, keys in work)
     if len(work) < MIN_LAYERS or total < MIN_RECORDS:
         return None
-    work = [(cache, keys[:MAX_RECORDS]) for cache, keys in work]
-    total = sum(len(keys) for _, keys in work)
-    mem = mmap.mmap(-1, total + 1)  # (anonymous, shared with the child)
+    if total > MAX_RECORDS:  # each layer its share, in the order of its file
+        share = MAX_RECORDS // len(work)
+        work = [(cache, keys[:share]) for cache, keys in work]
+        total = sum(len(keys) for _, keys in work)
     parent = os.getpid()
-    pid = os.fork()
+    try:
+        mem = mmap.mmap(-1, total + 1)  # (anonymous, shared with the child)
+        pid = os.fork()
+    except OSError as e:  # (a cgroup's pids.max, say)
+        log.info("lower cache checked inline: no helper (%s)", e.strerror or e)
+        return None
     if pid == 0:  # pragma: no cover - the helper (its effects are tested)
         try:
             _helper(parent, work, mem)

@@ -160,6 +160,38 @@ def test_shallow_stacks_start_no_helper(scratch: Path, layers: int,
         assert u.ahead is None
 
 
+def test_no_process_to_be_had_means_inline_checks(scratch: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fork refused (a cgroup's pids.max, say) leaves the mount as it is, checking inline."""
+    lowers, cache = _learnt(scratch)
+    want = _view_ro(lowers, None)
+
+    def refuse() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", refuse)
+    checked = record_calls(monkeypatch, lowercache.LayerCache, "_check")
+    with _helped(lowers, cache, wait=False) as u:
+        assert u.ahead is None
+        assert _view(u, PATHS) == want
+    assert {rel for rel in checked if rel} == {b"d", b"d/sub"}
+
+
+def test_at_most_max_records_are_checked_ahead(scratch: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each layer gets its share of MAX_RECORDS, in its file's order; the rest is inline."""
+    lowers, cache = _learnt(scratch)
+    want = _view_ro(lowers, None)
+    monkeypatch.setattr(lowercheck, "MAX_RECORDS", 2 * N)  # two of each layer's three
+    checked = record_calls(monkeypatch, lowercache.LayerCache, "_check")
+    with _helped(lowers, cache) as u:
+        assert [len(c._ahead_keys) for c in u.lcaches] == [2] * N
+        assert _view(u, PATHS) == want
+        used = sum(c.checked_ahead for c in u.lcaches)
+    inline = [rel for rel in checked if rel]
+    assert used + len(inline) == 2 * N and 0 < used < 2 * N, (used, inline)
+
+
 def _slow_helper(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make a helper forked from now on wait before its first check (it runs a copy of this
     process: the patched class comes with it)."""
