@@ -251,7 +251,10 @@ def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
         if ready is not None:
             ready()
         if config.lowercache_check == "ahead" and union.lcaches and two_cpus():
-            union.check_ahead()  # (after `ready`: the fork is not part of mounting)
+            try:
+                union.check_ahead()  # (after `ready`: the fork is not part of mounting)
+            except Exception:  # (only spares work: the mount goes on, checking inline)
+                log.exception("the lower cache's helper failed to start")
         if ops.loop == "direct":
             _serve_direct(ops, stats_path, config.readahead_kib, config.mountpoint)
         else:

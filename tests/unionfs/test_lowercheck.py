@@ -1,9 +1,10 @@
 """The lower cache's records checked ahead by a helper process (`unionfs/lowercheck.py`): the
 server then lstats no cached layer directory itself and answers exactly what probing answers;
 what the helper found stale is read afresh; what it has not reached yet is checked inline; the
-helper keeps no fd but directories, dies with the server, is reaped, and is not started with
-one CPU; through a real mount, the second mount uses its results and shows the tree kernel
-overlayfs shows."""
+helper keeps no fd but directories, runs idle, dies with the server, is reaped, and is not
+started with one CPU or few layers; a fork refused or a failed start leaves the checks inline
+and the mount serving; through a real mount, the second mount uses its results and shows the
+tree kernel overlayfs shows."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import mounts as mounts_mod
 from tests.helpers.mounts import mounted
 from tests.helpers.spy import record_calls
 from tests.unionfs.test_layerindex import _Probes as _Reads
@@ -355,3 +357,32 @@ def test_mounted_second_mount(scratch: Path, how: str, monkeypatch: pytest.Monke
         assert used >= 2 * N, used
     else:
         assert used == 0, used
+
+
+BROKEN_HELPER = """
+import sys
+from unionfs import union
+def broken(self):
+    raise RuntimeError("a bug in the helper's start")
+union.Union.check_ahead = broken
+from unionfs.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not ROOT or not os.path.exists("/dev/fuse"), reason="needs root and FUSE")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_a_helper_that_fails_to_start_costs_the_mount_nothing(
+        scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lowers, cache = _learnt(scratch)
+    mnt = scratch / "mnt"
+    log = scratch / "server.log"
+    monkeypatch.setattr(mounts_mod, "unionfs_cmd", lambda: [sys.executable, "-c", BROKEN_HELPER])
+    with mounted("unionfs", lowers, None, None, mnt, [f"lowercache={cache}"], log=log) as m:
+        assert sorted(os.listdir(mnt / "d")) == ["only0", "only1", "only2", "only3", "only4",
+                                                 "only5", "only6", "only7", "sub"]
+        assert (mnt / "d" / "sub" / "x").read_text() == "x"
+        assert m.server is not None and m.server.poll() is None
+    text = log.read_text()
+    assert "the lower cache's helper failed to start" in text and "a bug in the helper" in text
+
