@@ -84,8 +84,8 @@ mount options (-o, comma separated, may repeat):
                        ahead (default): at mount a helper process checks every cached
                        directory (one lstat each), on another CPU, ahead of the lookups that
                        need them; what it has not reached yet is checked at first use, as
-                       with inline (always inline with a single CPU or a cgroup CPU quota
-                       under two CPUs)
+                       with inline (always inline for fewer than 8 lower layers, with a
+                       single CPU or a cgroup CPU quota under two CPUs)
   allow_other          let other users in (default when run as root)
   allow_root           accepted for compatibility (implies allow_other)
   default_permissions  kernel permission checks (always on)

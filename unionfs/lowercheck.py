@@ -5,12 +5,12 @@ shows it unchanged. Inline, that lstat comes with the first lookup that needs th
 a deep stack, with every layer holding the directory, a cold lookup pays one cold lstat per
 layer (64 layers: 64 directory inodes read, most of the lookup's time). Layers do not change
 while mounted, so the check is as good made at mount as at first use. `start` forks a helper
-once the mount is ready (`mount.serve`): it lstats every record the layers'
-files hold, in the order mounts first learnt them and every layer's record of a directory
-together, on another CPU, and writes what it found in memory shared with the server, one byte
-per record (CURRENT, STALE, or 0 while not checked yet). The server reads that byte where it
-would lstat; a record the helper has not reached yet it checks itself, as before. So no answer
-rests on an unchecked record, the helper only moves the check off the lookup's path.
+once the mount is ready (`mount.serve`): it lstats every record the layers' files hold, in the
+order mounts first learnt them and every layer's record of a directory together, on another CPU,
+and writes what it found in memory shared with the server, one byte per record (CURRENT, STALE,
+or 0 while not checked yet). The server reads that byte where it would lstat; a record the
+helper has not reached yet it checks itself, as before. So no answer rests on an unchecked
+record, the helper only moves the check off the lookup's path.
 
 The helper keeps only directory fds (the layers' own, opened beneath their roots, never through
 a symlink: the same `Branch.dir_fd` the server uses); first thing, it closes every other fd it
