@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -295,6 +296,7 @@ def test_the_helper_dies_with_the_server(scratch: Path) -> None:
     lowers, cache = _learnt(scratch)
     server = subprocess.Popen([sys.executable, "-c", PARENT, str(cache), *map(str, lowers)],
                               stdout=subprocess.PIPE, cwd=Path(__file__).parents[2])
+    pid = 0
     try:
         assert server.stdout is not None
         pid = int(server.stdout.readline())
@@ -305,6 +307,8 @@ def test_the_helper_dies_with_the_server(scratch: Path) -> None:
     finally:
         server.kill()
         server.wait(10)
+        if pid and _alive(pid):  # (the test failed: leave no sleeping helper behind)
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not ROOT or not os.path.exists("/dev/fuse"), reason="needs root and FUSE")
